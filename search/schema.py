@@ -1,0 +1,158 @@
+"""The contract other services rely on: collection names and metadata, payload fields, point IDs.
+
+* Point ID: ``uuid5(NAMESPACE_URL, "urn:sha256:" + sha256_hex_of_the_image_bytes)`` — the same bytes
+  are one point however many times, and from however many paths, they arrive.
+* Payload: see ``PAYLOAD_FIELDS``; ``uris`` accumulates every location seen for the bytes.
+* Collection metadata: ``CollectionMeta`` — refused when opened with another model/preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+DISTANCE = "Cosine"
+
+# field -> Qdrant payload index type; every field a filter may use is indexed.
+PAYLOAD_INDEXES: dict[str, str] = {
+    "sha256": "keyword",
+    "uris": "keyword",
+    "labels": "keyword",
+    "tags[].label": "keyword",
+    "source": "keyword",
+    "model": "keyword",
+    "ingested_at": "datetime",
+}
+
+PAYLOAD_FIELDS = (
+    "sha256",  # hex digest of the image bytes
+    "uris",  # every location the bytes were seen at
+    "source",  # who sent it: "backfill", "worker", "watch", or the event's source
+    "width",
+    "height",
+    "format",  # PIL format name: JPEG, PNG, ...
+    "bytes",  # size of the file
+    "ingested_at",  # RFC 3339 UTC time of first ingestion
+    "labels",  # given by the user
+    "tags",  # predicted: [{"label", "score", "method": "knn"|"zero-shot", "neighbours"|"prompt"}]
+    "model",  # embedding model name
+)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def point_id(sha256: str) -> str:
+    """The point ID for image bytes with this SHA-256 hex digest."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:sha256:{sha256.lower()}"))
+
+
+def collection_name(model: str) -> str:
+    """Default collection for a model: ``lookalike_<model slug>``."""
+    slug = re.sub(r"[^a-z0-9]+", "_", model.rsplit("/", 1)[-1].lower()).strip("_")
+    return f"lookalike_{slug or 'model'}"
+
+
+@dataclass(frozen=True)
+class CollectionMeta:
+    """What a collection was built with. Stored with the collection, checked on every open."""
+
+    model: str
+    dim: int
+    preprocessing: str
+    distance: str = DISTANCE
+    schema: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lookalike": asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CollectionMeta | None:
+        inner = (data or {}).get("lookalike")
+        if not inner:
+            return None
+        return cls(**{k: inner[k] for k in ("model", "dim", "preprocessing", "distance", "schema", "extra") if k in inner})
+
+    def mismatch(self, other: CollectionMeta) -> str | None:
+        """Why ``other`` cannot be used with this collection, or None."""
+        for key in ("model", "dim", "preprocessing", "distance"):
+            if getattr(self, key) != getattr(other, key):
+                return f"{key} is {getattr(self, key)!r} in the collection but {getattr(other, key)!r} now"
+        return None
+
+
+@dataclass(frozen=True)
+class Match:
+    """``field`` has any of ``values`` (list fields match if any element does)."""
+
+    field: str
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A small, backend-neutral filter: all ``must`` hold, no ``must_not`` holds,
+    every field in ``non_empty`` is present and non-empty, and the point is not in ``exclude_ids``."""
+
+    must: tuple[Match, ...] = ()
+    must_not: tuple[Match, ...] = ()
+    non_empty: tuple[str, ...] = ()
+    exclude_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, exprs: list[str] | tuple[str, ...]) -> Filter | None:
+        """``["label=cat", "label=dog", "source=web"]`` → labels in {cat, dog} AND source = web.
+        ``label`` and ``tag`` are accepted for ``labels`` and ``tags[].label``."""
+        from search.errors import ConfigError
+
+        aliases = {"label": "labels", "tag": "tags[].label", "tags": "tags[].label", "uri": "uris"}
+        grouped: dict[str, list[Any]] = {}
+        for expr in exprs:
+            key, sep, value = expr.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--filter {expr!r}: expected FIELD=VALUE, e.g. label=cat")
+            key = aliases.get(key.strip(), key.strip())
+            grouped.setdefault(key, []).append(value)
+        if not grouped:
+            return None
+        return cls(must=tuple(Match(k, tuple(v)) for k, v in grouped.items()))
+
+
+@dataclass
+class PointRecord:
+    """A point as stored: id, vector (float32, L2-normalised) and payload."""
+
+    id: str
+    vector: Any  # numpy array or None when not requested
+    payload: dict[str, Any]
+
+
+@dataclass
+class Hit:
+    """One search result."""
+
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+    @property
+    def uris(self) -> list[str]:
+        return list(self.payload.get("uris") or [])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.payload.get("labels") or [])
+
+    @property
+    def tags(self) -> list[dict[str, Any]]:
+        return list(self.payload.get("tags") or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "score": round(float(self.score), 6), "uris": self.uris, "labels": self.labels,
+                "tags": self.tags, "sha256": self.payload.get("sha256")}
