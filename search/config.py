@@ -43,6 +43,7 @@ class Settings:
     tag_threshold: float = 0.6
     tag_prompts: Path | None = None
     hnsw_threshold: int = 20_000  # embedded store builds its HNSW index past this many points
+    quantization: str = "none"  # none | int8 | binary: Qdrant quantization of stored vectors
 
     @property
     def collection_name(self) -> str:
@@ -95,6 +96,8 @@ def get_settings(**overrides: object) -> Settings:
         raise ConfigError("LOOKALIKE_BATCH_SIZE must be at least 1")
     if settings.backend not in ("onnx", "torch"):
         raise ConfigError(f"LOOKALIKE_BACKEND={settings.backend!r}: choose onnx or torch")
+    if settings.quantization not in ("none", "int8", "binary"):
+        raise ConfigError(f"LOOKALIKE_QUANTIZATION={settings.quantization!r}: choose none, int8 or binary")
     if not 0.0 <= settings.tag_threshold <= 1.0:
         raise ConfigError("LOOKALIKE_TAG_THRESHOLD must be between 0 and 1")
     return settings
