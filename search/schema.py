@@ -77,7 +77,8 @@ class CollectionMeta:
         inner = (data or {}).get("lookalike")
         if not inner:
             return None
-        return cls(**{k: inner[k] for k in ("model", "dim", "preprocessing", "distance", "schema", "extra") if k in inner})
+        keys = ("model", "dim", "preprocessing", "distance", "schema", "extra")
+        return cls(**{k: inner[k] for k in keys if k in inner})
 
     def mismatch(self, other: CollectionMeta) -> str | None:
         """Why ``other`` cannot be used with this collection, or None."""

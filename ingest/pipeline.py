@@ -1,0 +1,383 @@
+"""The one ingestion pipeline: read → hash → (skip known) → decode → embed → tag → upsert.
+
+The CLI backfill runs it in-process in batches (``Pipeline.run``), a Celery worker runs it per event or per
+small batch of events (``Pipeline.ingest``), the watcher feeds it new files. Nothing here knows which.
+
+Why this shape:
+* Content is recognised by the SHA-256 of its bytes *before* decoding or embedding, so re-running a
+  backfill costs one read and one store lookup per file, and a known image arriving from a new path only
+  adds that path to ``uris`` (the point ID is derived from the hash: same bytes, same point).
+* In ``run`` the decode of batch *i+1* runs in a thread pool while batch *i* is embedded, so decoding and
+  upserting hide behind inference (the network releases the GIL).
+* Input problems become ``Outcome(status="failed")`` with a one-line reason and the batch goes on; a store
+  that cannot be reached raises ``StoreUnavailable`` so callers (workers) can retry the whole batch —
+  retrying is safe because every write is keyed by content.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search.config import Settings, get_settings
+from search.errors import CollectionMismatch, ImageError
+from search.schema import PointRecord, point_id, sha256_hex
+
+if TYPE_CHECKING:
+    from ingest.sources import ImageRef
+    from search.models import Embedder
+    from search.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAFT = (448, 448)  # JPEG DCT-domain downscale target: ≥ 2× any input size we use
+
+
+@dataclass
+class Outcome:
+    """What happened to one input."""
+
+    uri: str
+    status: str  # indexed | present | updated | failed
+    id: str | None = None
+    reason: str | None = None
+    permanent: bool = True  # a failure caused by the input itself; retrying will not help
+    tags: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Stats:
+    indexed: int = 0
+    present: int = 0
+    updated: int = 0
+    failed: int = 0
+    failures: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+
+    @property
+    def total(self) -> int:
+        return self.indexed + self.present + self.updated + self.failed
+
+    @property
+    def images_per_s(self) -> float:
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, outcome: Outcome) -> None:
+        setattr(self, outcome.status, getattr(self, outcome.status) + 1)
+        if outcome.status == "failed":
+            self.failures.append(outcome)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"indexed": self.indexed, "present": self.present, "updated": self.updated, "failed": self.failed,
+                "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 1),
+                "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+                "report": str(self.report) if self.report else None}
+
+
+@dataclass
+class _Item:
+    """One input on its way through a batch."""
+
+    ref: ImageRef
+    outcome: Outcome
+    sha: str | None = None
+    size: int = 0
+    data: bytes | None = None
+    prepared: Future[Any] | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _merge(existing: Sequence[str] | None, new: Iterable[str]) -> list[str]:
+    out = list(existing or [])
+    out.extend(x for x in new if x not in out)
+    return out
+
+
+class Pipeline:
+    """Ingest images into the store. Open once, feed many batches, ``close()`` at the end."""
+
+    def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
+                 embedder: Embedder | None = None, source: str = "backfill", tagger: Any = True) -> None:
+        self.settings = settings or get_settings()
+        self.source = source
+        self._store = store
+        self._own_store = store is None
+        self._embedder = embedder
+        self._tagger_opt = tagger
+        self._tagger: Any = None
+        self._checked = False
+        threads = max(1, min(4, (os.cpu_count() or 2)))
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-decode")
+
+    # -- lazily opened parts -------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from search.store import open_store
+
+            self._store = open_store(self.settings)
+        return self._store
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model loads only when an image actually needs embedding (re-runs never pay for it)."""
+        if self._embedder is None:
+            from search.models import get_embedder
+
+            self._embedder = get_embedder(self.settings.model, self.settings)
+        if not self._checked:
+            self.store.ensure_collection(self._embedder.meta())
+            self._checked = True
+        return self._embedder
+
+    def _check_cheap(self) -> None:
+        """Refuse a collection built with another model before reading anything, without loading the model."""
+        meta = self.store.meta()
+        model = self._embedder.name if self._embedder is not None else self.settings.model
+        if meta is not None and meta.model != model:
+            raise CollectionMismatch(
+                f"collection '{self.store.collection}' holds vectors of model {meta.model!r} (dim {meta.dim}); "
+                f"this run uses {model!r}. Use --collection/LOOKALIKE_COLLECTION for a separate collection, "
+                f"or --model {meta.model}")
+
+    @property
+    def tagger(self) -> Any:
+        if self._tagger is None and self._tagger_opt:
+            if self._tagger_opt is True:
+                try:
+                    from ingest.tagging import Tagger
+                except ImportError:  # tagging is optional; ingestion must not depend on it
+                    self._tagger_opt = False
+                    return None
+                self._tagger = Tagger(self.store, self.embedder, self.settings)
+            else:
+                self._tagger = self._tagger_opt
+        return self._tagger
+
+    # -- stages ------------------------------------------------------------------------------------
+    def _read(self, ref: ImageRef) -> _Item:
+        from ingest.sources import read_bytes
+
+        item = _Item(ref=ref, outcome=Outcome(uri=ref.uri, status="failed"))
+        t0 = time.perf_counter()
+        try:
+            data = read_bytes(ref.uri, self.settings)
+        except ImageError as err:
+            item.outcome.reason = err.reason
+        except OSError as err:  # anything read_bytes did not classify
+            item.outcome.reason = f"cannot read: {err.strerror or err}"
+        else:
+            item.data, item.size, item.sha = data, len(data), sha256_hex(data)
+            item.outcome.id = point_id(item.sha)
+        item.outcome.timings["read"] = time.perf_counter() - t0
+        return item
+
+    def _decode(self, item: _Item) -> tuple[Any, dict[str, Any]]:
+        from ingest.images import decode
+
+        t0 = time.perf_counter()
+        assert item.data is not None
+        decoded = decode(item.data, item.ref.uri, max_pixels=self.settings.max_pixels,
+                         draft=getattr(self._embedder, "draft_size", None) or DEFAULT_DRAFT)
+        t1 = time.perf_counter()
+        prepared = self._embedder.prepare(decoded.image) if self._embedder is not None else decoded.image
+        item.outcome.timings["decode"] = time.perf_counter() - t0
+        item.outcome.timings["prepare"] = time.perf_counter() - t1
+        item.data = None  # bytes are no longer needed: keep memory flat on long runs
+        return prepared, {"width": decoded.width, "height": decoded.height, "format": decoded.format}
+
+    def _classify(self, items: list[_Item], pending: dict[str, dict[str, Any]]) -> list[_Item]:
+        """Mark known content present/updated (merging uris and labels); return the items to embed."""
+        readable = [it for it in items if it.sha is not None]
+        ids = list(dict.fromkeys(it.outcome.id for it in readable if it.outcome.id not in pending))
+        t0 = time.perf_counter()
+        known = {p.id: p.payload for p in self.store.retrieve(ids)} if ids else {}
+        merges: dict[str, dict[str, Any]] = {}
+        new: list[_Item] = []
+        for it in readable:
+            pid = it.outcome.id
+            assert pid is not None
+            payload = pending.get(pid) or merges.get(pid) or known.get(pid)
+            if payload is None:  # first sight of these bytes: embed it, and let later copies merge into it
+                payload = {"uris": [it.ref.uri], "labels": list(dict.fromkeys(it.ref.labels))}
+                pending[pid] = payload
+                it.outcome.status = "indexed"
+                new.append(it)
+                continue
+            uris = _merge(payload.get("uris"), [it.ref.uri])
+            labels = _merge(payload.get("labels"), it.ref.labels)
+            if uris != list(payload.get("uris") or []) or labels != list(payload.get("labels") or []):
+                payload["uris"], payload["labels"] = uris, labels
+                if pid not in pending:
+                    merges[pid] = payload
+                it.outcome.status = "updated"
+            else:
+                it.outcome.status = "present"
+        for pid, payload in merges.items():
+            self.store.set_payload(pid, {"uris": payload["uris"], "labels": payload["labels"]})
+        elapsed = time.perf_counter() - t0
+        for it in readable:
+            it.outcome.timings["lookup"] = elapsed / max(1, len(readable))
+        return new
+
+    def _embed_and_store(self, new: list[_Item], pending: dict[str, dict[str, Any]]) -> None:
+        """Wait for decodes, embed the good ones in one batch, tag, upsert."""
+        good: list[tuple[_Item, Any, dict[str, Any]]] = []
+        for it in new:
+            assert it.prepared is not None
+            try:
+                prepared, info = it.prepared.result()
+            except ImageError as err:
+                it.outcome.status, it.outcome.reason = "failed", err.reason
+                pending.pop(it.outcome.id or "", None)
+                continue
+            except Exception as err:  # a decoder bug must not kill the batch; report it as this file's failure
+                it.outcome.status, it.outcome.reason = "failed", f"cannot decode: {type(err).__name__}: {err}"
+                pending.pop(it.outcome.id or "", None)
+                continue
+            good.append((it, prepared, info))
+        if not good:
+            return
+        embedder = self.embedder
+        t0 = time.perf_counter()
+        vectors = embedder.embed_prepared([p for _, p, _ in good])
+        t_embed = (time.perf_counter() - t0) / len(good)
+        ids = [it.outcome.id for it, _, _ in good]
+        tags: list[list[dict[str, Any]]] = [[] for _ in good]
+        t0 = time.perf_counter()
+        if self.tagger is not None:
+            tags = self.tagger.tag(vectors, exclude_ids=ids)
+        t_tag = (time.perf_counter() - t0) / len(good)
+        now = _now()
+        points = []
+        for (it, _, info), vector, tag in zip(good, vectors, tags, strict=True):
+            pid = it.outcome.id
+            assert pid is not None
+            shared = pending.pop(pid)  # later copies in this run merged their uris/labels here
+            payload = {"sha256": it.sha, "uris": shared["uris"], "source": it.ref.source or self.source,
+                       **info, "bytes": it.size, "ingested_at": now, "labels": shared["labels"], "tags": tag,
+                       "model": embedder.name}
+            points.append(PointRecord(id=pid, vector=vector, payload=payload))
+            it.outcome.tags = tag
+            it.outcome.timings.update(embed=t_embed, tag=t_tag)
+        t0 = time.perf_counter()
+        self.store.upsert(points)
+        t_up = (time.perf_counter() - t0) / len(points)
+        for it, _, _ in good:
+            it.outcome.timings["upsert"] = t_up
+
+    def _submit_decodes(self, new: list[_Item]) -> None:
+        if new and self._embedder is None:
+            _ = self.embedder  # load before decoding so prepare() runs in the decode threads
+        for it in new:
+            it.prepared = self._pool.submit(self._decode, it)
+
+    # -- entry points ------------------------------------------------------------------------------
+    def ingest(self, refs: Sequence[ImageRef]) -> list[Outcome]:
+        """Ingest one small batch synchronously; outcomes in input order."""
+        self._check_cheap()
+        items = list(self._pool.map(self._read, refs))
+        pending: dict[str, dict[str, Any]] = {}
+        new = self._classify(items, pending)
+        self._submit_decodes(new)
+        self._embed_and_store(new, pending)
+        return [it.outcome for it in items]
+
+    def run(self, refs: Iterable[ImageRef], *, progress: bool = False, report: Path | None = None,
+            total: int | None = None) -> Stats:
+        """Ingest everything in ``refs`` in batches, overlapping decode with inference."""
+        from tqdm import tqdm
+
+        self._check_cheap()
+        stats = Stats()
+        start = time.perf_counter()
+        bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+                   smoothing=0.1, desc="backfill")
+        pending: dict[str, dict[str, Any]] = {}
+        in_flight: deque[tuple[list[_Item], list[_Item]]] = deque()
+        report_file = None
+        try:
+            for chunk in _chunks(refs, self.settings.batch_size):
+                items = list(self._pool.map(self._read, chunk))
+                new = self._classify(items, pending)
+                self._submit_decodes(new)
+                in_flight.append((items, new))
+                if len(in_flight) > 1:  # keep one batch decoding while the previous one is embedded
+                    report_file = self._finish(*in_flight.popleft(), pending, stats, bar, report, report_file)
+            while in_flight:
+                report_file = self._finish(*in_flight.popleft(), pending, stats, bar, report, report_file)
+        finally:
+            bar.close()
+            if report_file is not None:
+                report_file.close()
+            stats.seconds = time.perf_counter() - start
+            if self._store is not None:
+                self._store.flush()
+        if stats.indexed and self.store.optimize():
+            log.info("built the HNSW index for %d points", self.store.count())
+        stats.report = report if stats.failed else None
+        return stats
+
+    def _finish(self, items: list[_Item], new: list[_Item], pending: dict[str, dict[str, Any]], stats: Stats,
+                bar: Any, report: Path | None, report_file: Any) -> Any:
+        self._embed_and_store(new, pending)
+        for it in items:
+            stats.add(it.outcome)
+            for stage, secs in it.outcome.timings.items():
+                stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + secs
+            if it.outcome.status == "failed":
+                line = f"skipping {it.ref.uri}: {it.outcome.reason}"
+                if bar.disable:
+                    log.warning(line)
+                else:
+                    bar.write(line, file=sys.stderr)
+                if report is not None:
+                    if report_file is None:
+                        report.parent.mkdir(parents=True, exist_ok=True)
+                        report_file = report.open("w", encoding="utf-8")
+                        report_file.write("uri\treason\n")
+                    report_file.write(f"{it.ref.uri}\t{it.outcome.reason}\n")
+                    report_file.flush()
+        bar.update(len(items))
+        return report_file
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._store is not None and self._own_store:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
+    chunk: list[ImageRef] = []
+    for ref in refs:
+        chunk.append(ref)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+__all__ = ["Outcome", "Pipeline", "Stats"]
