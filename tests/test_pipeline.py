@@ -1,0 +1,204 @@
+"""The ingestion pipeline against the real embedded store and real files (good and broken).
+
+The network is replaced by ``TinyEmbedder`` (an 8×8 colour thumbnail, normalised): these tests are about
+what the pipeline stores, skips and reports, and must stay fast. The real model runs in test_end_to_end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ingest.pipeline import Pipeline
+from ingest.sources import ImageRef, iter_refs
+from search.config import get_settings
+from search.errors import CollectionMismatch, ModelError
+from search.schema import CollectionMeta, Filter, point_id, sha256_hex
+from search.store import open_store
+from tests import imagefactory
+
+
+class TinyEmbedder:
+    """A deterministic stand-in for the network: a normalised 8×8 RGB thumbnail (192-d)."""
+
+    supports_text = False
+    preprocessing = "thumb8-v1"
+
+    def __init__(self, name: str = "tiny") -> None:
+        self.name = name
+        self.dim = 192
+        self.calls = 0
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return np.asarray(image.resize((8, 8)), dtype=np.float32).ravel()
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        self.calls += 1
+        x = np.stack(items) - 127.5
+        return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-6)).astype(np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_prepared([self.prepare(i) for i in images])
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        raise ModelError(f"model {self.name!r} embeds images only")
+
+    def meta(self) -> CollectionMeta:
+        return CollectionMeta(model=self.name, dim=self.dim, preprocessing=self.preprocessing)
+
+
+def _photo(path: Path, seed: int, size: tuple[int, int] = (96, 64)) -> Path:
+    """A distinct, real JPEG: smooth random colour field, so thumbnails differ per seed."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=92)
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    return get_settings(data_dir=tmp_path / "data", batch_size=4)
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    for cls, seeds in {"red": range(0, 5), "blue": range(5, 9)}.items():
+        (root / cls).mkdir(parents=True)
+        for s in seeds:
+            _photo(root / cls / f"img{s}.jpg", s)
+    return root
+
+
+def _pipeline(settings, embedder: TinyEmbedder | None = None) -> Pipeline:
+    return Pipeline(settings, embedder=embedder or TinyEmbedder(), tagger=False)
+
+
+def test_backfill_indexes_each_image_once_with_the_contract_payload(settings, photos: Path) -> None:
+    refs = list(iter_refs([photos], labels_from_dirs=True))
+    with _pipeline(settings) as p:
+        stats = p.run(refs)
+        assert (stats.indexed, stats.present, stats.failed) == (9, 0, 0)
+        assert p.store.count() == 9
+        img = photos / "red" / "img0.jpg"
+        pid = point_id(sha256_hex(img.read_bytes()))
+        [rec] = p.store.retrieve([pid])
+        pl = rec.payload
+        assert pl["uris"] == [str(img)] and pl["labels"] == ["red"] and pl["sha256"] == sha256_hex(img.read_bytes())
+        assert (pl["width"], pl["height"], pl["format"], pl["bytes"]) == (96, 64, "JPEG", img.stat().st_size)
+        assert pl["model"] == "tiny" and pl["source"] == "backfill" and pl["ingested_at"].endswith("Z")
+        assert p.store.count(Filter.parse(["label=blue"])) == 4
+
+
+def test_rerun_is_a_no_op_that_never_decodes_or_embeds(settings, photos: Path) -> None:
+    refs = list(iter_refs([photos], labels_from_dirs=True))
+    with _pipeline(settings) as p:
+        p.run(refs)
+    emb = TinyEmbedder()
+    with _pipeline(settings, emb) as p:
+        stats = p.run(refs)
+        assert (stats.indexed, stats.present, stats.updated) == (0, 9, 0)
+        assert p.store.count() == 9
+    assert emb.calls == 0
+
+
+def test_same_bytes_from_new_paths_add_uris_and_labels_not_points(settings, photos: Path, tmp_path: Path) -> None:
+    original = photos / "red" / "img1.jpg"
+    copy = tmp_path / "elsewhere" / "copy.jpg"
+    copy.parent.mkdir()
+    copy.write_bytes(original.read_bytes())
+    with _pipeline(settings) as p:
+        p.run(iter_refs([photos], labels_from_dirs=True))
+        [out] = p.ingest([ImageRef(str(copy), labels=("favourite",))])
+        assert out.status == "updated"
+        [rec] = p.store.retrieve([out.id])
+        assert rec.payload["uris"] == [str(original), str(copy)]
+        assert rec.payload["labels"] == ["red", "favourite"]
+        assert p.store.count() == 9
+        [again] = p.ingest([ImageRef(str(copy), labels=("favourite",))])
+        assert again.status == "present"
+
+
+def test_duplicates_inside_one_run_become_one_point_with_every_uri(settings, tmp_path: Path) -> None:
+    root = tmp_path / "dups"
+    root.mkdir()
+    data = _photo(tmp_path / "orig.jpg", 42).read_bytes()
+    names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]  # batch_size=4: copies span two batches
+    for n in names:
+        (root / n).write_bytes(data)
+    with _pipeline(settings) as p:
+        stats = p.run(iter_refs([root]))
+        assert (stats.indexed, stats.updated) == (1, 5)
+        [rec] = list(p.store.scroll())
+        assert sorted(rec.payload["uris"]) == [str(root / n) for n in names]
+
+
+def test_broken_files_are_reported_one_line_each_and_the_batch_goes_on(settings, photos: Path,
+                                                                      tmp_path: Path) -> None:
+    bad = photos / "bad"
+    bad.mkdir()
+    broken = imagefactory.write_broken_set(bad)
+    report = tmp_path / "report.tsv"
+    with _pipeline(settings) as p:
+        stats = p.run(iter_refs([photos]), report=report)
+        assert stats.indexed == 9
+        assert stats.failed == len(broken)
+        assert p.store.count() == 9
+    lines = report.read_text().splitlines()
+    assert lines[0] == "uri\treason" and len(lines) == 1 + len(broken)
+    reported = {line.split("\t")[0] for line in lines[1:]}
+    assert reported == {str(path) for path in broken}
+    assert all(line.split("\t")[1] for line in lines[1:])
+
+
+def test_interrupted_run_keeps_what_was_written_and_the_next_run_resumes(settings, photos: Path) -> None:
+    refs = list(iter_refs([photos], labels_from_dirs=True))
+
+    def interrupted() -> Iterator[ImageRef]:
+        for i, ref in enumerate(refs):
+            if i == 6:
+                raise KeyboardInterrupt
+            yield ref
+
+    with _pipeline(settings) as p, pytest.raises(KeyboardInterrupt):
+        p.run(interrupted())
+    with _pipeline(settings) as p:
+        done = p.store.count()
+        assert 0 < done < 9
+        stats = p.run(refs)
+        assert stats.present == done and stats.indexed == 9 - done
+        assert p.store.count() == 9
+
+
+def test_a_collection_built_with_another_model_is_refused_before_any_work(settings, photos: Path) -> None:
+    with _pipeline(settings, TinyEmbedder("tiny")) as p:
+        p.run(iter_refs([photos]))
+    with _pipeline(settings, TinyEmbedder("other")) as p, pytest.raises(CollectionMismatch, match="other"):
+        p.run(iter_refs([photos]))
+
+
+def test_ingest_reports_outcomes_in_order_with_permanent_failures(settings, photos: Path, tmp_path: Path) -> None:
+    good = photos / "red" / "img2.jpg"
+    missing = tmp_path / "nope.jpg"
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with _pipeline(settings) as p:
+        outs = p.ingest([ImageRef(str(good)), ImageRef(str(missing)), ImageRef(str(empty))])
+    assert [o.status for o in outs] == ["indexed", "failed", "failed"]
+    assert outs[1].permanent and outs[1].reason and outs[2].reason
+    assert set(outs[0].timings) >= {"read", "decode", "embed", "upsert"}
+
+
+def test_store_handle_is_released_on_close(settings, photos: Path) -> None:
+    with _pipeline(settings) as p:
+        p.run(iter_refs([photos]))
+    store = open_store(settings)  # would raise StoreLocked if the pipeline leaked its handle
+    try:
+        assert store.count() == 9
+    finally:
+        store.close()
