@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ingest.images import decode  # noqa: E402
-from ingest.pipeline import Pipeline  # noqa: E402
-from ingest.sources import iter_refs  # noqa: E402
-from search.config import get_settings  # noqa: E402
-from search.models import get_embedder  # noqa: E402
+from ingest.images import decode
+from ingest.pipeline import Pipeline
+from ingest.sources import iter_refs
+from search.config import get_settings
+from search.models import get_embedder
 
 
 def model_only(settings, refs, sample: int, passes: int = 3) -> float:
@@ -83,7 +80,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(figures, indent=2))
         return
-    print(f"| figure | value |\n|---|---|")
+    print("| figure | value |\n|---|---|")
     for k, v in figures.items():
         print(f"| {k} | {v} |")
 
