@@ -57,8 +57,12 @@ def backfill(app: AppContext, paths: tuple[str, ...], labels_from_dirs: bool, ba
     report = report or settings.data_dir / "reports" / f"backfill-{datetime.now():%Y%m%d-%H%M%S}.tsv"
     click.echo(f"{len(refs)} images to consider", err=True)
     with Pipeline(settings, source=source, tagger=not no_tag) as pipeline:
-        stats = pipeline.run(refs, progress=True, report=report, total=len(refs))
-        points = pipeline.store.count()
+        try:
+            stats = pipeline.run(refs, progress=True, report=report, total=len(refs))
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted: what was written is kept; run the same command to resume") \
+                from None
+        points = pipeline.store.count() if pipeline.store.meta() is not None else 0
     if errors:  # problems found while listing (bad manifest rows, missing paths) belong in the report too
         report.parent.mkdir(parents=True, exist_ok=True)
         with report.open("a", encoding="utf-8") as fh:

@@ -121,6 +121,7 @@ class Pipeline:
         self._tagger_opt = tagger
         self._tagger: Any = None
         self._checked = False
+        self._exists: bool | None = None  # does the collection exist yet? (nothing to look up if not)
         threads = max(1, min(4, (os.cpu_count() or 2)))
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-decode")
 
@@ -142,12 +143,13 @@ class Pipeline:
             self._embedder = get_embedder(self.settings.model, self.settings)
         if not self._checked:
             self.store.ensure_collection(self._embedder.meta())
-            self._checked = True
+            self._checked = self._exists = True
         return self._embedder
 
     def _check_cheap(self) -> None:
         """Refuse a collection built with another model before reading anything, without loading the model."""
         meta = self.store.meta()
+        self._exists = self._exists or meta is not None
         model = self._embedder.name if self._embedder is not None else self.settings.model
         if meta is not None and meta.model != model:
             raise CollectionMismatch(
@@ -206,7 +208,7 @@ class Pipeline:
         readable = [it for it in items if it.sha is not None]
         ids = list(dict.fromkeys(it.outcome.id for it in readable if it.outcome.id not in pending))
         t0 = time.perf_counter()
-        known = {p.id: p.payload for p in self.store.retrieve(ids)} if ids else {}
+        known = {p.id: p.payload for p in self.store.retrieve(ids)} if ids and self._exists else {}
         merges: dict[str, dict[str, Any]] = {}
         new: list[_Item] = []
         for it in readable:
@@ -311,6 +313,8 @@ class Pipeline:
         pending: dict[str, dict[str, Any]] = {}
         in_flight: deque[tuple[list[_Item], list[_Item]]] = deque()
         report_file = None
+        bulk = self.store.bulk()  # one flush at the end, not per batch: a re-run redoes anything unflushed
+        bulk.__enter__()
         try:
             for chunk in _chunks(refs, self.settings.batch_size):
                 items = list(self._pool.map(self._read, chunk))
@@ -325,9 +329,8 @@ class Pipeline:
             bar.close()
             if report_file is not None:
                 report_file.close()
+            bulk.__exit__(None, None, None)
             stats.seconds = time.perf_counter() - start
-            if self._store is not None:
-                self._store.flush()
         if stats.indexed and self.store.optimize():
             log.info("built the HNSW index for %d points", self.store.count())
         stats.report = report if stats.failed else None

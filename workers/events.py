@@ -1,0 +1,203 @@
+"""The ingestion event: a versioned JSON object any producer (any language) can send through Celery.
+
+Contract, version 1::
+
+    {"version": 1,                  # required, int; unknown versions are refused
+     "uri": "/srv/images/a.jpg",    # required: absolute local path, file:// or http(s):// URL
+     "labels": ["cat"],             # optional: labels the producer knows (list of non-empty strings)
+     "source": "uploads",           # optional: who sent it (stored in the payload's ``source``)
+     "event_id": "42",              # optional: the producer's id, echoed in logs and dead letters
+     "sent_at": 1718000000.123}     # optional: UNIX seconds when it was sent (queue-wait metrics)
+
+Unknown fields, wrong types and oversized events are refused with ``InvalidEvent`` (a reason for the dead
+letter): a typo in a producer must show up, not be silently ignored. Within one version, fields are only
+ever added as optional ones; a breaking change gets ``"version": 2``.
+
+Tasks and queues (both fixed names, so producers need nothing of ours):
+
+* ``lookalike.ingest``       one event, args ``[event]``            → queue ``lookalike.live``
+* ``lookalike.ingest_batch`` a chunk, args ``[[event, event, …]]``  → queue ``lookalike.backfill``
+
+``celery_message`` builds the raw Redis message (Celery protocol v2, JSON body) that the README shows
+producing from plain redis-py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from search.errors import LookalikeError
+
+if TYPE_CHECKING:
+    from ingest.sources import ImageRef
+
+EVENT_VERSION = 1
+INGEST_TASK = "lookalike.ingest"
+INGEST_BATCH_TASK = "lookalike.ingest_batch"
+LIVE_QUEUE = "lookalike.live"
+BACKFILL_QUEUE = "lookalike.backfill"
+QUEUES = {"live": LIVE_QUEUE, "backfill": BACKFILL_QUEUE}
+
+MAX_EVENT_BYTES = 16 * 1024  # one event as JSON; a uri of a few KB is already absurd
+MAX_URI_CHARS = 4096
+MAX_LABELS = 64
+MAX_TEXT_CHARS = 256  # one label, source or event_id
+MAX_BATCH_EVENTS = 1000
+
+_FIELDS = {"version", "uri", "labels", "source", "event_id", "sent_at"}
+
+
+class InvalidEvent(LookalikeError):
+    """An event that breaks the contract. ``reason`` is one line, stored with the dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"invalid event: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Event:
+    """A validated event (see the module docstring)."""
+
+    uri: str
+    labels: tuple[str, ...] = ()
+    source: str | None = None
+    event_id: str | None = None
+    sent_at: float | None = None
+    version: int = EVENT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "uri": self.uri}
+        if self.labels:
+            out["labels"] = list(self.labels)
+        for key in ("source", "event_id", "sent_at"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    def to_ref(self) -> ImageRef:
+        from ingest.sources import ImageRef
+
+        return ImageRef(uri=self.uri, labels=self.labels, source=self.source)
+
+
+def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT_CHARS) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{key!r} must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidEvent(f"{key!r} is empty")
+    if len(value) > limit:
+        raise InvalidEvent(f"{key!r} is longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidEvent(f"{key!r} contains a NUL character")
+    return value
+
+
+def parse_event(raw: Any) -> Event:
+    """Validate ``raw`` (a dict, or its JSON as str/bytes) strictly; ``InvalidEvent`` says what is wrong."""
+    if isinstance(raw, bytes | bytearray):
+        if len(raw) > MAX_EVENT_BYTES:
+            raise InvalidEvent(f"larger than {MAX_EVENT_BYTES} bytes")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidEvent("not UTF-8") from None
+    if isinstance(raw, str):
+        if len(raw.encode("utf-8", "surrogatepass")) > MAX_EVENT_BYTES:
+            raise InvalidEvent(f"larger than {MAX_EVENT_BYTES} bytes")
+        try:
+            raw = json.loads(raw)
+        except ValueError as err:
+            raise InvalidEvent(f"not valid JSON ({err.msg} at position {err.pos})") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(raw).__name__}")
+    try:
+        size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    except (TypeError, ValueError):
+        raise InvalidEvent("not JSON-serialisable") from None
+    if size > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"larger than {MAX_EVENT_BYTES} bytes")
+    unknown = sorted(set(raw) - _FIELDS, key=str)
+    if unknown:
+        raise InvalidEvent(f"unknown field {unknown[0]!r} (version {EVENT_VERSION} has {', '.join(sorted(_FIELDS))})")
+    version = raw.get("version")
+    if version is None:
+        raise InvalidEvent("missing 'version' (send \"version\": 1)")
+    if type(version) is not int or version != EVENT_VERSION:
+        raise InvalidEvent(f"unsupported version {version!r} (this worker understands {EVENT_VERSION})")
+    if "uri" not in raw:
+        raise InvalidEvent("missing 'uri'")
+    uri = _text(raw, "uri", MAX_URI_CHARS)
+    assert uri is not None
+    if not (uri.startswith(("/", "file://", "http://", "https://"))):
+        raise InvalidEvent("'uri' must be an absolute path, a file:// or an http(s):// URL")
+    labels_raw = raw.get("labels")
+    labels: tuple[str, ...] = ()
+    if labels_raw is not None:
+        if not isinstance(labels_raw, list):
+            raise InvalidEvent(f"'labels' must be a list of strings, not {type(labels_raw).__name__}")
+        if len(labels_raw) > MAX_LABELS:
+            raise InvalidEvent(f"more than {MAX_LABELS} labels")
+        checked = [_text({"label": x}, "label") for x in labels_raw]
+        labels = tuple(dict.fromkeys(x.strip() for x in checked if x is not None))
+    sent_at = raw.get("sent_at")
+    if sent_at is not None and (type(sent_at) not in (int, float) or not math.isfinite(sent_at) or sent_at < 0):
+        raise InvalidEvent("'sent_at' must be UNIX seconds (a non-negative number)")
+    return Event(uri=uri, labels=labels, source=_text(raw, "source"), event_id=_text(raw, "event_id"),
+                 sent_at=float(sent_at) if sent_at is not None else None)
+
+
+def parse_batch(raw: Any) -> list[Any]:
+    """The list of (not yet validated) events of a batch task; ``InvalidEvent`` if it is not one."""
+    if isinstance(raw, str | bytes | bytearray):
+        try:
+            raw = json.loads(raw)
+        except ValueError as err:
+            raise InvalidEvent(f"batch is not valid JSON ({err})") from None
+    if not isinstance(raw, list):
+        raise InvalidEvent(f"a batch must be a list of events, not {type(raw).__name__}")
+    if len(raw) > MAX_BATCH_EVENTS:
+        raise InvalidEvent(f"a batch holds at most {MAX_BATCH_EVENTS} events, got {len(raw)}")
+    return raw
+
+
+def make_event(uri: str, labels: tuple[str, ...] | list[str] = (), *, source: str | None = None,
+               event_id: str | None = None, sent_at: float | None = None) -> dict[str, Any]:
+    """A valid version-1 event dict (validated here, so a producer bug fails at the producer)."""
+    event = Event(uri=uri, labels=tuple(labels), source=source, event_id=event_id, sent_at=sent_at).to_dict()
+    return parse_event(event).to_dict()
+
+
+def resolve_queue(name: str) -> str:
+    """``live``/``backfill`` or a full queue name → the queue name."""
+    return QUEUES.get(name, name)
+
+
+def celery_message(task: str, args: list[Any], queue: str, *, task_id: str | None = None) -> str:
+    """The JSON a Celery (protocol v2) producer LPUSHes onto the Redis list named ``queue``."""
+    task_id = task_id or str(uuid.uuid4())
+    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    return json.dumps({
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None,
+                    "group": None, "retries": 0, "eta": None, "expires": None, "timelimit": [None, None],
+                    "argsrepr": None, "kwargsrepr": None, "origin": "lookalike"},
+        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+    })
+
+
+__all__ = ["BACKFILL_QUEUE", "EVENT_VERSION", "INGEST_BATCH_TASK", "INGEST_TASK", "LIVE_QUEUE", "MAX_BATCH_EVENTS",
+           "MAX_EVENT_BYTES", "Event", "InvalidEvent", "celery_message", "make_event", "parse_batch", "parse_event",
+           "resolve_queue"]
