@@ -40,7 +40,7 @@ class Settings:
     fetch_urls: bool = False
     fetch_timeout: float = 10.0
     tag_k: int = 10
-    tag_threshold: float = 0.6
+    tag_threshold: float = 0.7  # 97.8 % correct tags at 85.9 % coverage on Caltech101 (benchmarks/results/evaluate.md)
     tag_prompts: Path | None = None
     hnsw_threshold: int = 20_000  # embedded store builds its HNSW index past this many points
     quantization: str = "none"  # none | int8 | binary: Qdrant quantization of stored vectors
