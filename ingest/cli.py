@@ -26,13 +26,16 @@ from search.schema import Filter, Hit
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to list failures (default: DATA_DIR/reports/backfill-<time>.tsv).")
 @click.option("--no-tag", is_flag=True, help="Do not auto-tag new images from labelled neighbours.")
+@click.option("--prompts", type=click.Path(dir_okay=False, exists=True, path_type=Path), envvar="LOOKALIKE_TAG_PROMPTS",
+              help="Zero-shot tag prompts (CLIP models): one `label` or `label: prompt` per line.")
 @click.option("--via-workers", is_flag=True, help="Send the images to Celery workers instead of ingesting here.")
 @click.option("--chunk-size", default=64, help="With --via-workers: images per task.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @pass_app
 @handle_errors
 def backfill(app: AppContext, paths: tuple[str, ...], labels_from_dirs: bool, batch_size: int | None, source: str,
-             report: Path | None, no_tag: bool, via_workers: bool, chunk_size: int, as_json: bool) -> None:
+             report: Path | None, no_tag: bool, prompts: Path | None, via_workers: bool, chunk_size: int,
+             as_json: bool) -> None:
     """Index images from folders, CSV/JSONL manifests or files.
 
     Known content (same bytes) is recognised by its hash and skipped, so re-running is a fast no-op and an
@@ -41,7 +44,7 @@ def backfill(app: AppContext, paths: tuple[str, ...], labels_from_dirs: bool, ba
     from ingest.pipeline import Pipeline
     from ingest.sources import iter_refs
 
-    settings = app.settings(batch_size=batch_size)
+    settings = app.settings(batch_size=batch_size, tag_prompts=prompts)
     errors: list[tuple[str, str]] = []
 
     def on_error(where: str, reason: str) -> None:
