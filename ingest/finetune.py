@@ -36,6 +36,7 @@ import numpy as np
 from search.config import Settings
 from search.errors import ConfigError, ModelError
 from search.evaluate import l2_normalize, pca_fit
+from search.models import INFO_FILE, HeadEmbedder, get_embedder, load_head, read_model_info
 
 if TYPE_CHECKING:
     from search.models import Embedder
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOSSES = ("proxy-anchor", "supcon", "normsoftmax")
-INFO_FILE = "lookalike.json"
 
 
 @dataclass
@@ -230,7 +230,7 @@ def save_model(embedder: Embedder, layers: Sequence[Layer], folder: Path, info: 
 
     A combined base (``a+b``) has no single module stack; then the folder holds ``head/`` (a
     sentence-transformers stack of just the Dense layers + Normalize) and ``lookalike.json`` names the base
-    (``"format": "head"``): ``load_head_model`` (and a loader in search.models) put the two together.
+    (``"format": "head"``): ``search.models.get_embedder`` puts the two together.
     """
     import torch
     from sentence_transformers import SentenceTransformer
@@ -274,92 +274,19 @@ def save_model(embedder: Embedder, layers: Sequence[Layer], folder: Path, info: 
     return folder
 
 
-class HeadEmbedder:
-    """A named base embedder (e.g. ``a+b``) followed by saved Dense layers and Normalize (``format: head``)."""
-
-    def __init__(self, name: str, base: Embedder, layers: Sequence[Layer], digest: str) -> None:
-        self.name = name
-        self.base = base
-        self.layers = list(layers)
-        self.dim = self.layers[-1].out_features
-        self.preprocessing = f"{base.preprocessing}+w{digest}"
-        self.supports_text = bool(getattr(base, "supports_text", False))
-        self.draft_size = getattr(base, "draft_size", None)
-
-    @property
-    def model(self) -> Any:
-        raise ModelError(f"model {self.name!r} is a head on the combined model {self.base.name!r}; "
-                         "it has no single sentence-transformers stack")
-
-    def prepare(self, image: Any) -> Any:
-        return self.base.prepare(image)
-
-    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
-        return apply_layers(self.base.embed_prepared(items), self.layers)
-
-    def embed_images(self, images: Sequence[Any]) -> np.ndarray:
-        return self.embed_prepared([self.prepare(im) for im in images])
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return apply_layers(self.base.embed_texts(texts), self.layers)
-
-    def meta(self) -> Any:
-        from search.schema import CollectionMeta
-
-        return CollectionMeta(model=self.name, dim=self.dim, preprocessing=self.preprocessing,
-                              extra={"kind": "HeadEmbedder", "base": self.base.name})
-
-
 def load_head_model(folder: Path, name: str, settings: Settings) -> HeadEmbedder:
-    """Load a ``format: head`` folder: its base by name, its Dense layers from ``head/``."""
-    from safetensors.numpy import load_file
-
-    from search.models import _folder_digest
-
-    info = read_info(folder) or {}
-    if "base" not in info:
-        raise ModelError(f"model {name!r} at {folder}: {INFO_FILE} names no base model; save it again with finetune")
-    base = resolve_embedder(info["base"], settings)
-    try:
-        modules = json.loads((Path(folder) / "head" / "modules.json").read_text(encoding="utf-8"))
-        layers = []
-        for module in modules:
-            if module["type"].rsplit(".", 1)[-1] == "Dense":
-                weights = load_file(str(Path(folder) / "head" / module["path"] / "model.safetensors"))
-                layers.append(Layer(weight=weights["linear.weight"], bias=weights["linear.bias"], kind="dense"))
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"model {name!r} at {folder}: cannot read its head ({err}); save it again with finetune") \
-            from None
-    if not layers:
-        raise ModelError(f"model {name!r} at {folder}: head/ holds no Dense layer")
-    # the same version string search.models gives saved folders: content digest of the folder
-    return HeadEmbedder(name, base, layers, _folder_digest(Path(folder)))
+    """Load a ``format: head`` folder: its base by name, its Dense layers from ``head/`` (search.models does it)."""
+    return load_head(Path(folder), name, settings)
 
 
-def resolve_embedder(name: str, settings: Settings) -> Any:
-    """``get_embedder(name)``; for a saved head on a combined base (``format: head``) that search.models cannot
-    load (yet), a ``HeadEmbedder`` built here."""
-    from search.models import get_embedder
-
-    try:
-        return get_embedder(name, settings)
-    except ModelError:
-        for folder in (Path(name).expanduser(), Path(settings.data_dir) / "models" / name):
-            info = read_info(folder) if folder.is_dir() else None
-            if info and info.get("format") == "head":
-                return load_head_model(folder, name, settings)
-        raise
+def resolve_embedder(name: str, settings: Settings) -> Embedder:
+    """``get_embedder(name)``: every saved model, heads on a combined base included, loads through it."""
+    return get_embedder(name, settings)
 
 
 def read_info(folder: Path) -> dict[str, Any] | None:
     """The ``lookalike.json`` of a saved model folder, or None."""
-    path = Path(folder) / INFO_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_model_info(Path(folder))
 
 
 # -- the command's work -------------------------------------------------------------------------------------

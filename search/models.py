@@ -6,6 +6,7 @@
     get_embedder("clip-ViT-B-32")                  any sentence-transformers model (hub name or folder)
     get_embedder("/path/to/folder")                a saved SentenceTransformer folder
     get_embedder("my-finetune")                    ``<data_dir>/models/my-finetune``, saved by fine-tuning
+                                                   (a full stack, or ``head/`` on a named base such as a+b)
 
 Every model is a real ``SentenceTransformer``: the EfficientNets are ``[EfficientNetLite, Normalize]``
 where ``EfficientNetLite`` is a sentence-transformers v6 input module (modality ``image``) that runs the
@@ -29,6 +30,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -598,7 +600,7 @@ def _load_hub(name: str) -> SentenceTransformer:
                              "a sentence-transformers model such as clip-ViT-B-32, or a folder)") from None
 
 
-def _folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path) -> str:
     """Short content hash of a model folder (everything but the model card), so a retrained model
     saved under the same name is not mixed into a collection built with the old one."""
     digest = hashlib.sha256()
@@ -686,7 +688,7 @@ class EfficientNetEmbedder(Embedder):
         self._module = model[0]
         self.dim = int(model.get_embedding_dimension() or self._module.get_embedding_dimension())
         base = self._module.preprocessing
-        self.preprocessing = f"{base}+w{_folder_digest(folder)}" if folder is not None else base
+        self.preprocessing = f"{base}+w{folder_digest(folder)}" if folder is not None else base
         size = self._module.image_size
         self.draft_size = (2 * size, 2 * size)
 
@@ -726,7 +728,7 @@ class SentenceTransformerEmbedder(Embedder):
         # Hub models: the name pins the processor; local folders: their content does (hashed on first use).
         if self._preprocessing is None:
             base = "st-v1"
-            self._preprocessing = f"{base}+w{_folder_digest(self._folder)}" if self._folder is not None else base
+            self._preprocessing = f"{base}+w{folder_digest(self._folder)}" if self._folder is not None else base
         return self._preprocessing
 
     def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
@@ -781,6 +783,145 @@ class ConcatEmbedder(Embedder):
         return _normalise(np.concatenate([p.embed_texts(texts) for p in self.parts], axis=1))
 
 
+INFO_FILE = "lookalike.json"  # written next to a model saved by ``lookalike finetune``
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """One saved ``Dense`` layer with identity activation: ``y = x @ weight.T + bias``."""
+
+    weight: np.ndarray  # (out, in) float32
+    bias: np.ndarray  # (out,) float32
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+
+class HeadEmbedder(Embedder):
+    """``"format": "head"``: a named base embedder (e.g. ``a+b``, which has no single module stack) followed
+    by the saved Dense layers and an L2 normalisation. Images are prepared by the base, so decode threads
+    still do the CPU part; texts go through the head too when the base embeds them (CLIP)."""
+
+    def __init__(self, name: str, base: Embedder, layers: Sequence[DenseLayer], settings: Settings,
+                 digest: str) -> None:
+        super().__init__(name, None, settings)
+        if not layers:
+            raise ModelError(f"model {name!r}: its head holds no Dense layer; save it again with finetune")
+        widths = [base.dim] + [layer.out_features for layer in layers]
+        if [layer.in_features for layer in layers] != widths[:-1]:
+            raise ModelError(f"model {name!r}: head layers {[(lay.in_features, lay.out_features) for lay in layers]} "
+                             f"do not fit its base {base.name!r} ({base.dim}-d); save it again with finetune")
+        self.base = base
+        self.layers = list(layers)
+        self.dim = widths[-1]
+        # The folder digest (head weights and lookalike.json) on top of the base's own version string.
+        self.preprocessing = f"{base.preprocessing}+w{digest}"
+        self.supports_text = base.supports_text
+        self.draft_size = base.draft_size
+
+    @property
+    def model(self) -> SentenceTransformer:
+        raise ModelError(f"model {self.name!r} is a head on {self.base.name!r} and has no single "
+                         "sentence-transformers stack; fine-tune on its base instead")
+
+    def apply_head(self, vectors: np.ndarray) -> np.ndarray:
+        """Base vectors → Dense layers → L2-normalised (what the saved head computes)."""
+        out = np.asarray(vectors, dtype=np.float32)
+        for layer in self.layers:
+            out = out @ layer.weight.T + layer.bias
+        return _normalise(out)
+
+    def prepare(self, image: Image.Image) -> Any:
+        return self.base.prepare(image)
+
+    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
+        if not len(items):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.apply_head(self.base.embed_prepared(items))
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not self.supports_text:
+            return super().embed_texts(texts)
+        if not len(texts):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.apply_head(self.base.embed_texts(texts))
+
+    def meta(self) -> CollectionMeta:
+        return CollectionMeta(model=self.name, dim=self.dim, preprocessing=self.preprocessing,
+                              extra={"kind": "HeadEmbedder", "base": self.base.name})
+
+
+def read_model_info(folder: Path) -> dict[str, Any] | None:
+    """The ``lookalike.json`` of a saved model folder, or None (absent or unreadable)."""
+    import json
+
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _read_head_layers(head: Path, name: str) -> list[DenseLayer]:
+    """The Dense layers of a saved sentence-transformers stack of ``Dense``… + ``Normalize`` (as finetune
+    writes it); anything else is refused rather than silently computed differently."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    layers: list[DenseLayer] = []
+    try:
+        modules = sorted(json.loads((head / "modules.json").read_text(encoding="utf-8")), key=lambda m: m["idx"])
+        for position, module in enumerate(modules):
+            kind = str(module["type"]).rsplit(".", 1)[-1]
+            if kind == "Normalize" and position == len(modules) - 1:
+                continue
+            if kind != "Dense":
+                raise ModelError(f"model {name!r}: {head} holds a {kind} module where only Dense layers and a final "
+                                 "Normalize are supported; save it again with finetune")
+            folder = head / module["path"]
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            activation = str(config.get("activation_function", ""))
+            if not activation.endswith("Identity"):
+                raise ModelError(f"model {name!r}: Dense layer {folder} has activation {activation or 'unknown'!r}, "
+                                 "only Identity is supported; save it again with finetune")
+            weights = load_file(str(folder / "model.safetensors"))
+            weight = np.ascontiguousarray(weights["linear.weight"], dtype=np.float32)
+            bias = weights.get("linear.bias")
+            bias = np.zeros(weight.shape[0], np.float32) if bias is None else np.asarray(bias, dtype=np.float32)
+            layers.append(DenseLayer(weight=weight, bias=bias))
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"model {name!r}: cannot read its head in {head} ({_one_line(err)}); "
+                         "save it again with finetune") from None
+    return layers
+
+
+def load_head(folder: Path, name: str, settings: Settings, info: dict[str, Any] | None = None) -> HeadEmbedder:
+    """A ``"format": "head"`` folder: its base by name (``get_embedder``), its Dense layers from ``head/``."""
+    folder = Path(folder)
+    info = info if info is not None else read_model_info(folder)
+    base_name = (info or {}).get("base")
+    if not isinstance(base_name, str) or not base_name.strip():
+        raise ModelError(f"model {name!r} at {folder}: {INFO_FILE} names no base model; save it again with finetune")
+    try:
+        base = get_embedder(base_name, settings)
+    except ModelError as err:
+        raise ModelError(f"model {name!r} at {folder} is a head on {base_name!r}, which does not load: {err}") \
+            from None
+    layers = _read_head_layers(folder / "head", name)
+    return HeadEmbedder(name, base, layers, settings, folder_digest(folder))
+
+
 _torch_worker: Any = None
 _torch_worker_lock = threading.Lock()
 
@@ -814,16 +955,23 @@ def _from_model(name: str, model: SentenceTransformer, settings: Settings, folde
     return SentenceTransformerEmbedder(name, model, settings, folder)
 
 
+def _from_folder(name: str, folder: Path, settings: Settings) -> Embedder:
+    info = read_model_info(folder)
+    if info is not None and info.get("format") == "head":
+        return load_head(folder, name, settings, info)
+    return _from_model(name, _load_folder(folder, name), settings, folder)
+
+
 def _load(name: str, settings: Settings) -> Embedder:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"model {name!r} is a file; pass a SentenceTransformer folder or a model name")
-        return _from_model(name, _load_folder(path, name), settings, path)
+        return _from_folder(name, path, settings)
     if "/" not in name and "\\" not in name and name not in ("", ".", ".."):
         saved = settings.data_dir / "models" / name
         if saved.is_dir():
-            return _from_model(name, _load_folder(saved, name), settings, saved)
+            return _from_folder(name, saved, settings)
     if name in _VARIANTS:
         return _from_model(name, build_efficientnet(name, settings.backend, settings), settings, None)
     if "+" in name:
@@ -839,6 +987,14 @@ def _load(name: str, settings: Settings) -> Embedder:
 _embedders: dict[tuple[str, str, str], Embedder] = {}
 _key_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _registry_lock = threading.Lock()
+_loading = threading.local()  # keys this thread is loading now (a head loads its base inside its own load)
+
+
+def _loading_keys() -> set[tuple[str, str, str]]:
+    keys: set[tuple[str, str, str]] | None = getattr(_loading, "keys", None)
+    if keys is None:
+        keys = _loading.keys = set()
+    return keys
 
 
 def get_embedder(name: str | None = None, settings: Settings | None = None) -> Embedder:
@@ -853,9 +1009,17 @@ def get_embedder(name: str | None = None, settings: Settings | None = None) -> E
         if key in _embedders:
             return _embedders[key]
         lock = _key_locks.setdefault(key, threading.Lock())
+    loading = _loading_keys()
+    if key in loading:  # e.g. a saved head whose base is itself: the lock below would wait forever
+        raise ModelError(f"model {name!r} depends on itself (a saved head names it as its own base); "
+                         "save it again with finetune on another base")
     with lock:  # one load per key; other keys (e.g. the parts of a+b) load independently
         if key not in _embedders:
-            embedder = _load(name, settings)
+            loading.add(key)
+            try:
+                embedder = _load(name, settings)
+            finally:
+                loading.discard(key)
             with _registry_lock:
                 _embedders[key] = embedder
         return _embedders[key]
@@ -869,12 +1033,18 @@ def clear_embedders() -> None:
 
 
 __all__ = [
+    "INFO_FILE",
     "ConcatEmbedder",
+    "DenseLayer",
     "EfficientNetEmbedder",
     "Embedder",
+    "HeadEmbedder",
     "SentenceTransformerEmbedder",
     "build_efficientnet",
     "builtin_models",
     "clear_embedders",
+    "folder_digest",
     "get_embedder",
+    "load_head",
+    "read_model_info",
 ]

@@ -106,6 +106,128 @@ def test_concatenation_is_renormalised_and_weighs_parts_equally(tiny_clip: Path,
         _ = both.model
 
 
+# ------------------------------------------------------------------ saved heads on a named (combined) base
+
+
+def _save_head(base: models.Embedder, folder: Path, dims: tuple[int, ...] = (6,), seed: int = 0,
+               overwrite: bool = False) -> list:
+    """A head saved exactly as ``lookalike finetune`` saves one (random Dense layers, then Normalize)."""
+    from ingest.finetune import Layer, ModelInfo, save_model
+
+    rng = np.random.default_rng(seed)
+    layers, width = [], base.dim
+    for kind, out in zip(("pca", "head"), dims, strict=False):
+        layers.append(Layer(weight=rng.normal(0, 1, (out, width)).astype(np.float32),
+                            bias=rng.normal(0, 0.1, out).astype(np.float32), kind=kind))
+        width = out
+    info = ModelInfo(name=folder.name, base=base.name, dim=width,
+                     layers=[{"kind": la.kind, "in": la.in_features, "out": la.out_features} for la in layers])
+    save_model(base, layers, folder, info, overwrite=overwrite)
+    return layers
+
+
+def test_head_on_a_combined_base_loads_by_name(tiny_clip: Path, tmp_path: Path) -> None:
+    from ingest.finetune import apply_layers, read_info
+
+    settings = get_settings()
+    other = build_tiny_clip(tmp_path / "other-clip", seed=1)
+    base = get_embedder(f"{tiny_clip}+{other}", settings)
+    folder = settings.data_dir / "models" / "combo-head"
+    layers = _save_head(base, folder, dims=(10, 6))
+    assert read_info(folder)["format"] == "head"
+
+    embedder = get_embedder("combo-head", settings)
+    assert isinstance(embedder, models.HeadEmbedder) and embedder.base is base
+    assert embedder.dim == 6 and embedder.supports_text
+    images = [_photo(20), _photo(21), _photo(22)]
+    vectors = embedder.embed_images(images)
+    assert vectors.shape == (3, 6)
+    _unit(vectors)
+    # what finetune measured: the head applied to the base's vectors
+    expected = apply_layers(base.embed_images(images), layers)
+    assert np.sum(vectors * expected, axis=1).min() > 0.999
+    # the decode threads still prepare: prepare is the base's, embed_prepared finishes the job
+    prepared = [embedder.prepare(image) for image in images]
+    assert all(isinstance(item, tuple) and len(item) == 2 for item in prepared)
+    np.testing.assert_allclose(embedder.embed_prepared(prepared), vectors, atol=1e-6)
+    assert embedder.embed_prepared([]).shape == (0, 6)
+    # texts go through the head too (CLIP bases)
+    texts = embedder.embed_texts(["a cat", "a dog car"])
+    _unit(texts)
+    assert np.sum(texts * apply_layers(base.embed_texts(["a cat", "a dog car"]), layers), axis=1).min() > 0.999
+    assert embedder.embed_texts([]).shape == (0, 6)
+
+    meta = embedder.meta()
+    assert (meta.model, meta.dim) == ("combo-head", 6)
+    assert meta.preprocessing == f"{base.preprocessing}+w{models.folder_digest(folder)}"
+    assert meta.extra == {"kind": "HeadEmbedder", "base": base.name}
+    with pytest.raises(ModelError, match="is a head on"):
+        _ = embedder.model
+    # by folder path too, and a retrained head under the same name is a different version
+    assert get_embedder(str(folder), settings).preprocessing == embedder.preprocessing
+    _save_head(base, folder, dims=(10, 6), seed=1, overwrite=True)
+    clear_embedders()
+    assert get_embedder("combo-head", settings).preprocessing != embedder.preprocessing
+
+
+def test_folder_digest_is_stable() -> None:
+    """Collections and embedding caches record this digest: changing how it is computed orphans them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "head" / "0_Dense").mkdir(parents=True)
+        (folder / "lookalike.json").write_text('{"format": "head"}')
+        (folder / "head" / "0_Dense" / "model.safetensors").write_bytes(b"weights")
+        (folder / "README.md").write_text("model card: not part of the digest")
+        (folder / ".cache").mkdir()
+        (folder / ".cache" / "x").write_text("hidden: not part of the digest")
+        assert models.folder_digest(folder) == "bfe42c8ee603"
+
+
+def test_broken_heads_are_one_line_model_errors(tiny_clip: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    settings = get_settings()
+    base = get_embedder(f"{tiny_clip}+{build_tiny_clip(tmp_path / 'other-clip', seed=1)}", settings)
+    models_dir = settings.data_dir / "models"
+    good = models_dir / "good"
+    _save_head(base, good)
+
+    def variant(name: str) -> Path:
+        folder = models_dir / name
+        shutil.copytree(good, folder)
+        return folder
+
+    def info_of(folder: Path) -> dict:
+        return json.loads((folder / "lookalike.json").read_text())
+
+    missing_base = variant("missing-base")
+    (missing_base / "lookalike.json").write_text(json.dumps({**info_of(good), "base": str(tmp_path / "gone")}))
+    no_base = variant("no-base")
+    (no_base / "lookalike.json").write_text(json.dumps({**info_of(good), "base": ""}))
+    itself = variant("itself")
+    (itself / "lookalike.json").write_text(json.dumps({**info_of(good), "base": "itself"}))
+    tanh = variant("tanh")
+    config = tanh / "head" / "0_Dense" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "activation_function": "torch.nn.modules.activation.Tanh"}))
+    no_weights = variant("no-weights")
+    (no_weights / "head" / "0_Dense" / "model.safetensors").unlink()
+    wrong_width = variant("wrong-width")
+    (wrong_width / "lookalike.json").write_text(json.dumps({**info_of(good), "base": str(tiny_clip)}))
+
+    cases = {"missing-base": "which does not load", "no-base": "names no base model", "itself": "depends on itself",
+             "tanh": "only Identity is supported", "no-weights": "cannot read its head",
+             "wrong-width": "do not fit its base"}
+    for name, message in cases.items():
+        with pytest.raises(ModelError, match=message) as err:
+            get_embedder(name, settings)
+        assert "\n" not in str(err.value) and repr(name) in str(err.value)
+    assert get_embedder("good", settings).dim == 6
+
+
 # ------------------------------------------------------------------------------------------ loading and names
 
 
@@ -273,6 +395,30 @@ def test_saved_efficientnet_round_trips_with_appended_dense(random_lite0: Effici
     assert get_embedder(str(folder), settings).preprocessing != loaded.preprocessing
 
 
+def test_head_on_efficientnet_plus_clip_prepares_arrays(random_lite0: EfficientNetEmbedder, tiny_clip: Path,
+                                                        tmp_path: Path) -> None:
+    """A random-weight EfficientNet folder + CLIP as base: prepare gives the CNN its CHW array."""
+    from ingest.finetune import apply_layers
+
+    settings = random_lite0.settings  # its ONNX export is cached there already
+    lite_folder = tmp_path / "random-lite0"
+    random_lite0.model.save(str(lite_folder), create_model_card=False)
+    base = get_embedder(f"{lite_folder}+{tiny_clip}", settings)
+    layers = _save_head(base, settings.data_dir / "models" / "lite-clip-pca", dims=(32,))
+    embedder = get_embedder("lite-clip-pca", settings)
+    assert embedder.dim == 32 and not embedder.supports_text and embedder.draft_size == base.draft_size
+    prepared = embedder.prepare(_photo(23, (90, 60)).convert("L"))
+    assert prepared[0].shape == (3, 224, 224) and prepared[0].dtype == np.float32
+    images = [_photo(23), _photo(24)]
+    vectors = embedder.embed_images(images)
+    _unit(vectors)
+    assert np.sum(vectors * apply_layers(base.embed_images(images), layers), axis=1).min() > 0.999
+    assert embedder.preprocessing.startswith(f"{base.preprocessing}+w")
+    assert "resize224-relu-cgem3-v1" in embedder.meta().preprocessing
+    with pytest.raises(ModelError, match="'lite-clip-pca' embeds images only"):
+        embedder.embed_texts(["a cat"])
+
+
 # ------------------------------------------------------------------------------- the real model (slow)
 
 
@@ -326,3 +472,25 @@ def test_real_lite0_save_load_round_trip(lite0, tmp_path: Path) -> None:
     loaded = get_embedder(str(folder), lite0.settings)
     np.testing.assert_array_equal(loaded.embed_images(photos), lite0.embed_images(photos))
     assert loaded.meta().preprocessing.startswith(lite0.preprocessing + "+w")
+
+
+@pytest.mark.slow
+def test_real_lite0_plus_clip_head_matches_the_trained_vectors(lite0, tiny_clip: Path) -> None:
+    """The real Lite0 (ONNX) in a combined base under a PCA head, loaded by name as backfill/search do."""
+    from ingest.finetune import apply_layers, fit_pca
+
+    photos = list(_sample_photos().values())
+    settings = lite0.settings
+    base = get_embedder(f"efficientnet-lite0+{tiny_clip}", settings)
+    base_vectors = base.embed_images(photos)
+    layer = fit_pca(base_vectors, 4)
+    from ingest.finetune import ModelInfo, save_model
+
+    folder = settings.data_dir / "models" / "lite0-clip-pca4"
+    save_model(base, [layer], folder, ModelInfo(name="lite0-clip-pca4", base=base.name, dim=4, layers=[]))
+    embedder = get_embedder("lite0-clip-pca4", settings)
+    vectors = embedder.embed_images(photos)
+    assert vectors.shape == (len(photos), 4)
+    _unit(vectors)
+    assert np.sum(vectors * apply_layers(base_vectors, [layer]), axis=1).min() > 0.999
+    assert embedder.meta().preprocessing.startswith(lite0.preprocessing + "|st-v1+w")
