@@ -307,13 +307,14 @@ def test_cnn_refuses_text_with_a_hint(random_lite0: EfficientNetEmbedder) -> Non
         random_lite0.embed_texts(["a cat"])
 
 
-def test_prepare_gives_normalised_chw_and_accepts_any_mode(random_lite0: EfficientNetEmbedder) -> None:
-    prepared = random_lite0.prepare(_photo(7, (300, 100)))
-    assert prepared.shape == (3, 224, 224) and prepared.dtype == np.float32
-    assert prepared.min() >= -1.0 and prepared.max() <= 1.0  # (x - 127) / 128
+def test_prepare_gives_resized_uint8_pixels_and_accepts_any_mode(random_lite0: EfficientNetEmbedder) -> None:
+    photo = _photo(7, (300, 100))
+    prepared = random_lite0.prepare(photo)
+    assert prepared.shape == (224, 224, 3) and prepared.dtype == np.uint8  # normalised inside the network
+    np.testing.assert_array_equal(prepared, np.asarray(photo.resize((224, 224), Image.Resampling.BILINEAR)))
     grey = random_lite0.prepare(_photo(7).convert("L"))
-    assert grey.shape == (3, 224, 224)
-    np.testing.assert_array_equal(grey[0], grey[1])
+    assert grey.shape == (224, 224, 3)
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 1])
     assert random_lite0.draft_size == (448, 448)
 
 
@@ -408,7 +409,7 @@ def test_head_on_efficientnet_plus_clip_prepares_arrays(random_lite0: EfficientN
     embedder = get_embedder("lite-clip-pca", settings)
     assert embedder.dim == 32 and not embedder.supports_text and embedder.draft_size == base.draft_size
     prepared = embedder.prepare(_photo(23, (90, 60)).convert("L"))
-    assert prepared[0].shape == (3, 224, 224) and prepared[0].dtype == np.float32
+    assert prepared[0].shape == (224, 224, 3) and prepared[0].dtype == np.uint8
     images = [_photo(23), _photo(24)]
     vectors = embedder.embed_images(images)
     _unit(vectors)
