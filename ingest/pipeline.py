@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from search.config import Settings, get_settings
 from search.errors import CollectionMismatch, ImageError
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from search.store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_DRAFT = (448, 448)  # JPEG DCT-domain downscale target: ≥ 2× any input size we use
 
@@ -316,7 +317,7 @@ class Pipeline:
         bulk = self.store.bulk()  # one flush at the end, not per batch: a re-run redoes anything unflushed
         bulk.__enter__()
         try:
-            for chunk in _chunks(refs, self.settings.batch_size):
+            for chunk in chunked(refs, self.settings.batch_size):
                 items = list(self._pool.map(self._read, chunk))
                 new = self._classify(items, pending)
                 self._submit_decodes(new)
@@ -372,10 +373,11 @@ class Pipeline:
         self.close()
 
 
-def _chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
-    chunk: list[ImageRef] = []
-    for ref in refs:
-        chunk.append(ref)
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of ``size`` items (the last one shorter) from any iterable, lazily."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
         if len(chunk) >= size:
             yield chunk
             chunk = []
@@ -383,4 +385,4 @@ def _chunks(refs: Iterable[ImageRef], size: int) -> Iterator[list[ImageRef]]:
         yield chunk
 
 
-__all__ = ["Outcome", "Pipeline", "Stats"]
+__all__ = ["Outcome", "Pipeline", "Stats", "chunked"]
