@@ -6,6 +6,8 @@ as ingested ones (ingest.images), and dependencies point ingest → search, neve
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -95,7 +97,7 @@ def _fanout() -> Any:
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--text", "texts", multiple=True, help="Text query (CLIP models). Repeatable.")
 @click.option("--id", "ids", multiple=True, help="Find neighbours of a stored point. Repeatable.")
-@click.option("-k", default=10, show_default=True, help="Results per query.")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="Results per query.")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="Only points with this label/tag/source…, e.g. label=cat. Repeat a field for OR, fields AND.")
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
@@ -105,7 +107,11 @@ def _fanout() -> Any:
 @handle_errors
 def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids: tuple[str, ...], k: int,
            filters: tuple[str, ...], min_score: float | None, as_json: bool, sheet: Path | None) -> None:
-    """Search by image files, --text and/or --id. All queries share one model load and run batched."""
+    """Search by image files, --text and/or --id. All queries share one model load and run batched.
+
+    Answers come in the order of the queries: images, then texts, then ids. A query image that cannot be
+    read gets an answer with an "error" and no results, and the exit status is 2.
+    """
     from ingest.images import decode
     from ingest.sources import read_bytes
     from search.query import Searcher
@@ -114,21 +120,27 @@ def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids
         raise click.UsageError("give at least one image, --text or --id")
     settings = app.settings()
     flt = Filter.parse(list(filters))
+    # The allowed roots guard what event producers may name; the user's own query files are not events.
+    local = replace(settings, allowed_roots=())
     queries: list[dict[str, Any]] = []
     pictures: list[Any] = []
     for path in images:
         try:
             uri = str(Path(path).resolve())
-            pictures.append(decode(read_bytes(uri, settings), path, max_pixels=settings.max_pixels).image)
+            pictures.append(decode(read_bytes(uri, local), path, max_pixels=settings.max_pixels).image)
             queries.append({"query": path, "kind": "image"})
         except ImageError as err:
-            click.echo(f"skipping {err}", err=True)
+            click.echo(f"cannot search with {err}", err=True)
+            queries.append({"query": path, "kind": "image", "error": err.reason})
     if images and not pictures and not (texts or ids):
         raise click.ClickException("none of the query images could be read")
     with Searcher(settings) as searcher:
         results: list[list[Hit]] = []
         if pictures:
-            results += searcher.by_images(pictures, k=k, filter=flt, min_score=min_score)
+            found = iter(searcher.by_images(pictures, k=k, filter=flt, min_score=min_score))
+            results += [[] if "error" in q else next(found) for q in queries]
+        else:
+            results += [[] for _ in queries]
         if texts:
             results += searcher.by_texts(list(texts), k=k, filter=flt, min_score=min_score)
             queries += [{"query": t, "kind": "text"} for t in texts]
@@ -136,20 +148,25 @@ def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids
             results += searcher.by_ids(list(ids), k=k, filter=flt, min_score=min_score)
             queries += [{"query": i, "kind": "id"} for i in ids]
     if sheet is not None:
-        _sheet(sheet, queries, pictures, results, settings)
+        readable = [(q, r) for q, r in zip(queries, results, strict=True) if "error" not in q]
+        _sheet(sheet, [q for q, _ in readable], pictures, [r for _, r in readable], settings)
         click.echo(f"sheet written to {sheet}", err=True)
     if as_json:
         echo_json([{**q, "results": [h.to_dict() for h in r]} for q, r in zip(queries, results, strict=True)])
-        return
-    for q, hits in zip(queries, results, strict=True):
-        click.echo(f"\n{q['kind']} query: {q['query']}")
-        if not hits:
-            click.echo("  (no results)")
-        for rank, h in enumerate(hits, 1):
-            labels = ",".join(h.labels) or "-"
-            tags = ",".join(f"{t['label']}({t['score']:.2f})" for t in h.tags) or "-"
-            click.echo(f"  {rank:>2}  {h.score:.4f}  {h.id[:8]}  labels={labels}  tags={tags}  "
-                       f"{h.uris[0] if h.uris else ''}")
+    else:
+        for q, hits in zip(queries, results, strict=True):
+            click.echo(f"\n{q['kind']} query: {q['query']}")
+            if "error" in q:
+                click.echo(f"  (cannot read: {q['error']})")
+            elif not hits:
+                click.echo("  (no results)")
+            for rank, h in enumerate(hits, 1):
+                labels = ",".join(h.labels) or "-"
+                tags = ",".join(f"{t['label']}({t['score']:.2f})" for t in h.tags) or "-"
+                click.echo(f"  {rank:>2}  {h.score:.4f}  {h.id}  labels={labels}  tags={tags}  "
+                           f"{h.uris[0] if h.uris else ''}")
+    if any("error" in q for q in queries):
+        sys.exit(2)
 
 
 def _sheet(path: Path, queries: list[dict[str, Any]], pictures: list[Any], results: list[list[Hit]],

@@ -26,6 +26,7 @@ PY
 fi
 
 lookalike backfill --labels-from-dirs "$folder"
-query=$(find "$folder" -type f \( -iname '*.jpg' -o -iname '*.png' \) | sort | head -n 1)
+# awk reads all of its input: `head` would close the pipe early and pipefail would stop the script (SIGPIPE).
+query=$(find "$folder" -type f \( -iname '*.jpg' -o -iname '*.png' \) | sort | awk 'NR == 1')
 lookalike search "$query" -k 5 --sheet out/sheet.png
 echo "contact sheet: out/sheet.png"

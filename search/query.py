@@ -49,13 +49,13 @@ class Searcher:
 
     @property
     def embedder(self) -> Embedder:
+        meta = self.store.meta()  # before the model: an empty store should not cost a model load to report
+        if meta is None:
+            raise StoreError(f"collection '{self.store.collection}' does not exist yet; run `lookalike backfill` first")
         if self._embedder is None:
             from search.models import get_embedder
 
             self._embedder = get_embedder(self.settings.model, self.settings)
-        meta = self.store.meta()
-        if meta is None:
-            raise StoreError(f"collection '{self.store.collection}' does not exist yet; run `lookalike backfill` first")
         problem = meta.mismatch(self._embedder.meta())
         if problem:
             raise StoreError(f"collection '{self.store.collection}' cannot be searched with model "

@@ -109,20 +109,34 @@ class Filter:
     @classmethod
     def parse(cls, exprs: list[str] | tuple[str, ...]) -> Filter | None:
         """``["label=cat", "label=dog", "source=web"]`` → labels in {cat, dog} AND source = web.
-        ``label`` and ``tag`` are accepted for ``labels`` and ``tags[].label``."""
+        ``label``, ``tag`` and ``uri`` stand for ``labels``, ``tags[].label`` and ``uris``. Unknown fields are
+        refused (a typo must not silently match nothing); values are exact and case-sensitive."""
         from search.errors import ConfigError
 
-        aliases = {"label": "labels", "tag": "tags[].label", "tags": "tags[].label", "uri": "uris"}
         grouped: dict[str, list[Any]] = {}
         for expr in exprs:
             key, sep, value = expr.partition("=")
-            if not sep or not key.strip():
+            key = FILTER_ALIASES.get(key.strip(), key.strip())
+            if not sep or not key:
                 raise ConfigError(f"--filter {expr!r}: expected FIELD=VALUE, e.g. label=cat")
-            key = aliases.get(key.strip(), key.strip())
-            grouped.setdefault(key, []).append(value)
+            if key not in FILTER_FIELDS:
+                names = ", ".join(sorted(set(FILTER_ALIASES) | set(FILTER_FIELDS) - set(FILTER_ALIASES.values())))
+                raise ConfigError(f"--filter {expr!r}: unknown field {key!r}; filter on one of {names}")
+            if FILTER_FIELDS[key] is int:
+                try:
+                    grouped.setdefault(key, []).append(int(value))
+                except ValueError:
+                    raise ConfigError(f"--filter {expr!r}: {key} takes a whole number") from None
+            else:
+                grouped.setdefault(key, []).append(value)
         if not grouped:
             return None
         return cls(must=tuple(Match(k, tuple(v)) for k, v in grouped.items()))
+
+
+FILTER_ALIASES = {"label": "labels", "tag": "tags[].label", "tags": "tags[].label", "uri": "uris"}
+FILTER_FIELDS: dict[str, type] = {"labels": str, "tags[].label": str, "uris": str, "source": str, "sha256": str,
+                                  "model": str, "format": str, "width": int, "height": int, "bytes": int}
 
 
 @dataclass

@@ -76,7 +76,7 @@ def _point_id(value: Any) -> str:
     try:
         return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
     except ValueError:
-        raise StoreError(f"point id {value!r} is not a UUID; build ids with search.schema.point_id") from None
+        raise StoreError(f"point id {value!r} is not a full point id (a UUID, as `search --json` prints it)") from None
 
 
 def _vector_list(vector: Any, dim: int, pid: str) -> list[float]:

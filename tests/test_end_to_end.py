@@ -126,3 +126,31 @@ def test_text_search_on_a_cnn_says_what_to_do(world: dict) -> None:
     code, _, err = _run(world, "search", "--text", "a cat")
     assert code == 1
     assert err.count("\n") == 1 and "CLIP" in err and "Traceback" not in err
+
+
+def test_unreadable_query_keeps_answers_in_order_and_fails_the_exit_status(world: dict, tmp_path: Path) -> None:
+    bad = imagefactory.truncated_jpeg(tmp_path / "bad.jpg")
+    good = world["queries"] / "coffee.jpg"
+    code, out, err = _run(world, "search", "-k", "1", "--json", str(bad), str(good))
+    assert code == 2 and f"{bad}" in err
+    first, second = json.loads(out)
+    assert first["query"] == str(bad) and first["results"] == [] and first["error"]
+    assert second["results"][0]["labels"] == ["coffee"]
+
+
+def test_query_files_are_not_bound_by_the_event_roots(world: dict) -> None:
+    env = {**world["env"], "LOOKALIKE_ALLOWED_ROOTS": str(world["photos"])}
+    result = CliRunner().invoke(main, ["search", "-k", "1", "--json", str(world["queries"] / "rocket.jpg")], env=env)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)[0]["results"][0]["labels"] == ["rocket"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-k", "0"], "Invalid value for '-k'"),
+    (["--filter", "colour=red"], "unknown field 'colour'"),
+    (["--filter", "height=tall"], "height takes a whole number"),
+    (["--id", "cbc730a9"], "not a full point id"),
+])
+def test_bad_search_arguments_get_one_clear_line(world: dict, args: list[str], message: str) -> None:
+    code, _, err = _run(world, "search", str(world["queries"] / "rocket.jpg"), *args)
+    assert code != 0 and message in err and "Traceback" not in err
