@@ -190,19 +190,22 @@ class Pipeline:
         item.outcome.timings["read"] = time.perf_counter() - t0
         return item
 
-    def _decode(self, item: _Item) -> tuple[Any, dict[str, Any]]:
+    def _decode(self, item: _Item) -> tuple[Any, bool, dict[str, Any]]:
+        """Decode (and prepare, once the model is loaded) one image; runs in the decode threads."""
         from ingest.images import decode
 
         t0 = time.perf_counter()
         assert item.data is not None
+        embedder = self._embedder
         decoded = decode(item.data, item.ref.uri, max_pixels=self.settings.max_pixels,
-                         draft=getattr(self._embedder, "draft_size", None) or DEFAULT_DRAFT)
+                         draft=getattr(embedder, "draft_size", None) or DEFAULT_DRAFT)
         t1 = time.perf_counter()
-        prepared = self._embedder.prepare(decoded.image) if self._embedder is not None else decoded.image
+        prepared = embedder.prepare(decoded.image) if embedder is not None else decoded.image
         item.outcome.timings["decode"] = time.perf_counter() - t0
         item.outcome.timings["prepare"] = time.perf_counter() - t1
         item.data = None  # bytes are no longer needed: keep memory flat on long runs
-        return prepared, {"width": decoded.width, "height": decoded.height, "format": decoded.format}
+        info = {"width": decoded.width, "height": decoded.height, "format": decoded.format}
+        return prepared, embedder is not None, info
 
     def _classify(self, items: list[_Item], pending: dict[str, dict[str, Any]]) -> list[_Item]:
         """Mark known content present/updated (merging uris and labels); return the items to embed."""
@@ -240,11 +243,11 @@ class Pipeline:
 
     def _embed_and_store(self, new: list[_Item], pending: dict[str, dict[str, Any]]) -> None:
         """Wait for decodes, embed the good ones in one batch, tag, upsert."""
-        good: list[tuple[_Item, Any, dict[str, Any]]] = []
+        decoded: list[tuple[_Item, Any, bool, dict[str, Any]]] = []
         for it in new:
             assert it.prepared is not None
             try:
-                prepared, info = it.prepared.result()
+                prepared, is_prepared, info = it.prepared.result()
             except ImageError as err:
                 it.outcome.status, it.outcome.reason = "failed", err.reason
                 pending.pop(it.outcome.id or "", None)
@@ -253,10 +256,11 @@ class Pipeline:
                 it.outcome.status, it.outcome.reason = "failed", f"cannot decode: {type(err).__name__}: {err}"
                 pending.pop(it.outcome.id or "", None)
                 continue
-            good.append((it, prepared, info))
-        if not good:
+            decoded.append((it, prepared, is_prepared, info))
+        if not decoded:
             return
-        embedder = self.embedder
+        embedder = self.embedder  # loads the model on the first batch that has something to embed
+        good = [(it, p if ready else embedder.prepare(p), info) for it, p, ready, info in decoded]
         t0 = time.perf_counter()
         vectors = embedder.embed_prepared([p for _, p, _ in good])
         t_embed = (time.perf_counter() - t0) / len(good)
@@ -285,8 +289,8 @@ class Pipeline:
             it.outcome.timings["upsert"] = t_up
 
     def _submit_decodes(self, new: list[_Item]) -> None:
-        if new and self._embedder is None:
-            _ = self.embedder  # load before decoding so prepare() runs in the decode threads
+        # The model is not loaded here: a batch whose files all fail to decode (a re-run over known-bad
+        # files) never pays for it. The first batch is prepared on this thread; later ones in the pool.
         for it in new:
             it.prepared = self._pool.submit(self._decode, it)
 

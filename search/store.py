@@ -363,7 +363,9 @@ class EdgeStore(Store):
                     _LOCKS.pop(self._lock.path, None)
 
     def flush(self) -> None:
-        self._check().flush()
+        self._alive()
+        if self._shard is not None:  # nothing was ever written: nothing to flush
+            self._shard.flush()
 
     def _written(self) -> None:
         if self.sync_writes and not self._bulk_depth:

@@ -202,3 +202,11 @@ def test_store_handle_is_released_on_close(settings, photos: Path) -> None:
         assert store.count() == 9
     finally:
         store.close()
+
+
+def test_a_batch_of_only_broken_files_never_loads_the_model(settings, tmp_path: Path) -> None:
+    bad = imagefactory.write_broken_set(tmp_path / "bad")
+    with Pipeline(settings, tagger=False) as p:  # no embedder given: it would be loaded on demand
+        stats = p.run(iter_refs([tmp_path / "bad"]))
+        assert stats.failed == len(bad)
+        assert p._embedder is None  # a re-run over known-bad files stays fast: the model never loads

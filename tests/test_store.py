@@ -251,7 +251,7 @@ def test_bulk_writes_are_visible_and_flushed_at_the_end(filled):
 def test_bad_points_are_refused(filled):
     with pytest.raises(StoreError, match="3 dimensions"):
         filled.upsert([PointRecord(pid_of("x"), np.ones(3, dtype=np.float32), {})])
-    with pytest.raises(StoreError, match="not a UUID"):
+    with pytest.raises(StoreError, match="not a full point id"):
         filled.upsert([PointRecord("not-a-uuid", E0, {})])
     with pytest.raises(StoreError, match="NaN"):
         filled.upsert([PointRecord(pid_of("x"), np.full(DIM, np.nan, dtype=np.float32), {})])
