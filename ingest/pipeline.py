@@ -16,13 +16,15 @@ Why this shape:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,9 +115,14 @@ class Pipeline:
     """Ingest images into the store. Open once, feed many batches, ``close()`` at the end."""
 
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
-                 embedder: Embedder | None = None, source: str = "backfill", tagger: Any = True) -> None:
+                 embedder: Embedder | None = None, source: str = "backfill", tagger: Any = True,
+                 content_lock: Callable[[Sequence[str]], AbstractContextManager[Any]] | None = None) -> None:
+        """``content_lock(point_ids)`` guards read-merge-write of those points against other *processes*
+        (workers sharing a Qdrant server); ``ingest`` holds it from the lookup to the upsert. The embedded
+        store needs none: it admits one process."""
         self.settings = settings or get_settings()
         self.source = source
+        self._content_lock = content_lock
         self._store = store
         self._own_store = store is None
         self._embedder = embedder
@@ -212,6 +219,8 @@ class Pipeline:
         readable = [it for it in items if it.sha is not None]
         ids = list(dict.fromkeys(it.outcome.id for it in readable if it.outcome.id not in pending))
         t0 = time.perf_counter()
+        if ids and not self._exists:  # another process may have created the collection since we looked
+            self._exists = self.store.meta() is not None
         known = {p.id: p.payload for p in self.store.retrieve(ids)} if ids and self._exists else {}
         merges: dict[str, dict[str, Any]] = {}
         new: list[_Item] = []
@@ -299,10 +308,12 @@ class Pipeline:
         """Ingest one small batch synchronously; outcomes in input order."""
         self._check_cheap()
         items = list(self._pool.map(self._read, refs))
-        pending: dict[str, dict[str, Any]] = {}
-        new = self._classify(items, pending)
-        self._submit_decodes(new)
-        self._embed_and_store(new, pending)
+        ids = sorted({it.outcome.id for it in items if it.outcome.id})
+        with self._content_lock(ids) if self._content_lock and ids else contextlib.nullcontext():
+            pending: dict[str, dict[str, Any]] = {}
+            new = self._classify(items, pending)
+            self._submit_decodes(new)
+            self._embed_and_store(new, pending)
         return [it.outcome for it in items]
 
     def run(self, refs: Iterable[ImageRef], *, progress: bool = False, report: Path | None = None,

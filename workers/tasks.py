@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from search.errors import StoreLocked, StoreUnavailable
@@ -72,7 +72,43 @@ def _transient() -> tuple[type[BaseException], ...]:
 def default_pipeline(settings: Settings) -> Pipeline:
     from ingest.pipeline import Pipeline
 
-    return Pipeline(settings, source="worker")
+    # Workers sharing a Qdrant server must not interleave read-merge-write of one point's uris/labels
+    # (nor embed the same new bytes twice and overwrite each other's uris): lock the point ids in Redis.
+    lock = None if settings.embedded else RedisContentLock(_broker_client(settings))
+    return Pipeline(settings, source="worker", content_lock=lock)
+
+
+class RedisContentLock:
+    """``with lock(point_ids):`` — one Redis lock per point id, taken in sorted order (no deadlock between
+    workers), each expiring on its own so a killed worker cannot block a point for longer than ``ttl``."""
+
+    def __init__(self, client: Any, *, ttl: float = 120.0, wait: float = 60.0) -> None:
+        self.client, self.ttl, self.wait = client, ttl, wait
+
+    @contextlib.contextmanager
+    def __call__(self, ids: Sequence[str]) -> Iterator[None]:
+        import redis.exceptions
+
+        held = []
+        try:
+            for pid in sorted(set(ids)):
+                lock = self.client.lock(f"lookalike:lock:{pid}", timeout=self.ttl, blocking_timeout=self.wait)
+                if not lock.acquire():
+                    raise StoreUnavailable(f"point {pid} stayed locked by another worker for {self.wait:.0f} s")
+                held.append(lock)
+            yield
+        finally:
+            for lock in reversed(held):
+                with contextlib.suppress(redis.exceptions.LockError):  # expired meanwhile: nothing to release
+                    lock.release()
+
+
+def _broker_client(settings: Settings) -> Any:
+    import redis
+
+    from workers.app import broker_url
+
+    return redis.Redis.from_url(broker_url(settings))
 
 
 pipeline_factory: Callable[[Settings], Pipeline] = default_pipeline
