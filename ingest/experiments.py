@@ -239,6 +239,7 @@ def evaluate_model(name: str, settings: Settings, dataset: Path, *, queries_dir:
         mode, exclude_self = "all images query the rest", True
     timings["embed"] = time.perf_counter() - t0
 
+    n_images = len(data) + (len(queries) if queries_dir is not None else 0)  # every image loaded, before any drop
     seen = [i for i, sha in enumerate(queries.sha256) if sha in trained_on]
     if seen and exclude_self:
         _say(f"warning: model {name} was trained on {len(seen)} of these images; for an honest figure use "
@@ -258,7 +259,7 @@ def evaluate_model(name: str, settings: Settings, dataset: Path, *, queries_dir:
     timings["search"] = time.perf_counter() - t0
     result: dict[str, Any] = {
         "model": name, "dim": int(embedder.dim), "preprocessing": embedder.preprocessing, "mode": mode,
-        "images": len(data) + (len(queries) if queries_dir is not None else 0), "index": len(index),
+        "images": n_images, "index": len(index),
         "queries": len(queries), "classes": n_classes, "skipped": skipped, "embedded_now": computed,
         "book_precision_at_4": _pct(r.p4.mean()),
         "class_balanced_precision_at_4": _pct(class_mean(r.p4, query_codes)),
@@ -526,7 +527,7 @@ def write_report(out: Path, runs: list[ModelRun], command: str) -> list[Path]:
     for n, run in enumerate(runs):
         r = run.result
         lines += ["", f"## {r['model']}", "", f"Preprocessing `{r['preprocessing']}`; auto-tags: k={r['tag_k']}, "
-                  f"threshold {r['tag_threshold']}. Seconds: {r['seconds']}.", "",
+                  f"threshold {r['tag_threshold']}. Seconds: {_seconds(r['seconds'])}.", "",
                   "### Worst classes", "", "| class | queries | P@4 | top-1 | most confused with |",
                   "|---|---|---|---|---|"]
         lines += [f"| {row['class']} | {row['queries']} | {row['precision_at_4']:.1f} | {row['top1']:.1f} | "
@@ -586,20 +587,26 @@ def _plot_map(vectors: np.ndarray, classes: list[str], path: Path, title: str) -
     plt.close(fig)
 
 
+def _seconds(timings: dict[str, float]) -> str:
+    """``{"embed": 0.01, "search": 0.0}`` → ``embed 0.01 s, search 0.00 s``."""
+    return ", ".join(f"{step.replace('_', ' ')} {secs:.2f} s" for step, secs in timings.items())
+
+
 def _table(runs: list[ModelRun]) -> None:
-    head = f"{'model':<40} {'images':>6} {'P@4':>6} {'bal.':>6} {'top1':>6} {'top5':>6} {'mAP10':>6} " \
+    # the figures are averages over the queries (all images, the held-out part, or --queries), so count those
+    head = f"{'model':<40} {'queries':>7} {'P@4':>6} {'bal.':>6} {'top1':>6} {'top5':>6} {'mAP10':>6} " \
            f"{'tagacc':>6} {'tagcov':>6}"
     click.echo(head)
     for run in runs:
         r = run.result
-        click.echo(f"{r['model'][:40]:<40} {r['images']:>6} {r['book_precision_at_4']:>6.2f} "
+        click.echo(f"{r['model'][:40]:<40} {r['queries']:>7} {r['book_precision_at_4']:>6.2f} "
                    f"{r['class_balanced_precision_at_4']:>6.2f} {r['top1']:>6.2f} {r['top5']:>6.2f} "
                    f"{r['map_at_10']:>6.2f} {r['tag_accuracy']:>6.2f} {r['tag_coverage']:>6.2f}")
     for run in runs:
         r = run.result
         click.echo(f"\n{r['model']} — {r['mode']}; {r['queries']} queries, index {r['index']}; {r['vote']}")
         click.echo("  worst classes (P@4, most confused with): " + ", ".join(
-            f"{w['class']} {w['precision_at_4']:.0f} ({w['confused_with']})" for w in r["worst_classes"]))
+            f"{w['class']} {w['precision_at_4']:.0f} ({w['confused_with'] or '-'})" for w in r["worst_classes"]))
         click.echo("  PCA: " + ", ".join(f"{p['dim']}→{p['book_precision_at_4']:.2f}" for p in r["pca"]))
         for s in r.get("store", []):
             click.echo(f"  store quantization={s['quantization']}: recall@10 HNSW {s['recall_at_10_hnsw']:.4f}, "
@@ -610,7 +617,7 @@ def _table(runs: list[ModelRun]) -> None:
             click.echo(f"  near-duplicates: {nd['copies']} copies, rank-1 {nd['rank1']:.2f} %, "
                        f"top-10 {nd['top10']:.2f} %; originals without a near copy in the set "
                        f"({nd['unique_originals']}): rank-1 {nd['rank1_unique'] or 0:.2f} %")
-        click.echo(f"  seconds: {r['seconds']}")
+        click.echo(f"  seconds: {_seconds(r['seconds'])}")
 
 
 def _dims(text: str) -> list[int]:

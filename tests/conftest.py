@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,21 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def onnx_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One ONNX export cache for the whole session, so the real model is exported once."""
     return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP folder, built once: tests only load it (caches and saved models go to the data dir)."""
+    from tests.clip_fixture import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+@pytest.fixture
+def _fresh_embedders() -> Iterator[None]:
+    """Forget loaded embedders around a test (opt in with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    from search.models import clear_embedders
+
+    clear_embedders()
+    yield
+    clear_embedders()

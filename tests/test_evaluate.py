@@ -7,6 +7,9 @@ import pytest
 
 from search import evaluate as ev
 
+# embedders are cached per process; each test starts without any (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("_fresh_embedders")
+
 
 def _unit(angles_deg: list[float]) -> np.ndarray:
     a = np.radians(angles_deg)
@@ -167,22 +170,6 @@ def make_tree(root, per_class: int = 6, *, seed: int = 0, broken: bool = False):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from tests.clip_fixture import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_embedders():
-    from search.models import clear_embedders
-
-    clear_embedders()
-    yield
-    clear_embedders()
-
-
 def _run(args, data_dir):
     from click.testing import CliRunner
 
@@ -233,6 +220,11 @@ def test_evaluate_cli_held_out_modes(tmp_path, tiny_clip):
     data = tmp_path / "data"
     split = json.loads(_run(["evaluate", tree, "-m", tiny_clip, "--split", 0.34, "--json", "--no-ann"], data).stdout)[0]
     assert split["queries"] == 6 and split["index"] == 12 and "held-out" in split["mode"]
+    assert split["images"] == 18  # JSON `images`: every image loaded; the text table counts the queries
+    text = _run(["evaluate", tree, "-m", tiny_clip, "--split", 0.34, "--no-ann", "--pca", ""], data).stdout
+    head, first = text.splitlines()[:2]
+    assert head.split()[1] == "queries" and first.split()[1] == "6"
+    assert "None" not in text and "{" not in text and "seconds: embed " in text
     sep = json.loads(_run(["evaluate", tree, "-m", tiny_clip, "--queries", queries, "--json", "--no-ann"], data).stdout)
     assert sep[0]["queries"] == 6 and sep[0]["index"] == 18
     both = _run(["evaluate", tree, "--split", 0.3, "--queries", queries], data)

@@ -261,6 +261,45 @@ def test_enqueue_without_broker_says_so(tmp_path: Path, monkeypatch: pytest.Monk
     assert "cannot reach the broker" in result.output and "hunter2" not in result.output and "****" in result.output
 
 
+def test_status_prints_everything_then_fails_when_the_broker_is_unreachable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.cli import main
+    from search.store import _locked_message
+    from tests.redis_server import free_port
+
+    monkeypatch.setenv("LOOKALIKE_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status"])
+    assert result.exit_code == 1, result.output
+    assert "cannot reach the broker" in result.output and "points        0" in result.output
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status", "--json"])
+    assert result.exit_code == 1, result.output
+    assert "cannot reach the broker" in json.loads(result.output)["broker_error"]
+
+    def locked(settings: object) -> None:
+        raise StoreLocked(_locked_message(tmp_path, "4242"))
+
+    monkeypatch.setattr("search.store.open_store", locked)
+    data = json.loads(CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status", "--json"]).output)
+    assert data["points"] is None and "in use by PID 4242" in data["store_note"] and "store_error" not in data
+
+
+@pytest.mark.parametrize(("store", "shown", "code"), [
+    ({"points": 3}, "points        3", 0),
+    ({"points": None, "store_note": "in use by PID 7"}, "in use by PID 7", 0),  # a worker holds it: normal
+    ({"points": None, "store_error": "cannot open the store"}, "cannot open the store", 1),
+])
+def test_status_exit_code_follows_the_store(store: dict, shown: str, code: int, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.cli import main
+
+    reachable = {"broker": "redis://x", "store": "embedded", "collection": "c", "queues": {LIVE_QUEUE: 0},
+                 "unacked": 0, "dead_letters": 0, "workers": ["w@h"], **store}
+    monkeypatch.setattr("workers.cli.collect_status", lambda settings: reachable)
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status"])
+    assert result.exit_code == code and shown in result.output, result.output
+    assert CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status", "--json"]).exit_code == code
+
+
 # ---------------------------------------------------------------------------------------------- compose
 def test_compose_file_is_valid() -> None:
     binary = shutil.which("docker-compose") or (str(REPO / ".venv/bin/docker-compose")

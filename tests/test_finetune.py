@@ -12,6 +12,9 @@ from ingest.finetune import HeadConfig, apply_layers, fit_pca, train_head
 from search.evaluate import knn_topk_hits, l2_normalize, nearest, pca_apply, pca_fit, stratified_split
 from tests.test_evaluate import _run, make_tree
 
+# embedders are cached per process; each test starts without any (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("_fresh_embedders")
+
 
 def _synthetic(n_per_class: int = 40, n_classes: int = 5, dim: int = 24, seed: int = 0):
     """Classes separated in 4 dimensions, drowned by large nuisance variation in the other 20."""
@@ -57,22 +60,6 @@ def test_pca_layer_is_the_pca_transform():
 
 
 # ---------------------------------------------------------------------------------------------- the command
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from tests.clip_fixture import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_embedders():
-    from search.models import clear_embedders
-
-    clear_embedders()
-    yield
-    clear_embedders()
-
-
 def test_finetune_cli_saves_a_named_model_with_its_split(tmp_path, tiny_clip):
     from search.config import get_settings
     from search.models import get_embedder

@@ -13,6 +13,9 @@ from search.config import get_settings
 from search.errors import ConfigError
 from search.schema import CollectionMeta, PointRecord, point_id, sha256_hex
 
+# embedders are cached per process; each test starts without any (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("_fresh_embedders")
+
 
 # -- the pure vote --------------------------------------------------------------------------------------
 def test_vote_majority_and_threshold():
@@ -205,22 +208,6 @@ def test_retag_writes_tags_and_resumes_after_interruption(tmp_path):
 
 
 # -- the `tag` command through the real pipeline (tiny random CLIP) ----------------------------------------
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from tests.clip_fixture import build_tiny_clip
-
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_embedders():
-    from search.models import clear_embedders
-
-    clear_embedders()
-    yield
-    clear_embedders()
-
-
 def _cli(args, data, model, **kwargs):
     from click.testing import CliRunner
 

@@ -35,23 +35,13 @@ def _events(refs: Iterable[ImageRef]) -> Iterator[dict[str, Any]]:
         yield make_event(ref.uri, ref.labels, source=ref.source, sent_at=time.time())
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def enqueue_refs(refs: Iterable[ImageRef], settings: Settings, queue: str = "backfill",
                  chunk_size: int = DEFAULT_CHUNK, *, app: Any = None) -> int:
     """Send ``refs`` to the workers; returns the number of tasks sent.
 
     ``queue="live"``: one ``lookalike.ingest`` task per image (uploads). Otherwise (``backfill`` or a queue
     name): ``lookalike.ingest_batch`` tasks of ``chunk_size`` events, so workers embed whole batches."""
+    from ingest.pipeline import chunked
     from workers.app import make_app
     from workers.events import INGEST_BATCH_TASK, INGEST_TASK, LIVE_QUEUE, MAX_BATCH_EVENTS, resolve_queue
 
@@ -67,7 +57,7 @@ def enqueue_refs(refs: Iterable[ImageRef], settings: Settings, queue: str = "bac
                     app.send_task(INGEST_TASK, args=[event], queue=name, producer=producer)
                     sent += 1
             else:
-                for chunk in _chunks(_events(refs), chunk_size):
+                for chunk in chunked(_events(refs), chunk_size):
                     app.send_task(INGEST_BATCH_TASK, args=[chunk], queue=name, producer=producer)
                     sent += 1
     except Exception as err:
@@ -374,9 +364,10 @@ def collect_status(settings: Settings, *, ping_timeout: float = 1.0) -> dict[str
             out["points"] = store.count() if store.meta() is not None else 0
         finally:
             store.close()
-    except StoreLocked:
+    except StoreLocked as err:
+        # Normal while a worker runs (not an error); the message's first clause names the PID holding it.
         out["points"] = None
-        out["store_note"] = "the embedded store is owned by a running worker (points not readable from here)"
+        out["store_note"] = f"{str(err).split(';')[0]} (points not readable from here)"
     except LookalikeError as err:
         out["points"] = None
         out["store_error"] = str(err)
@@ -388,10 +379,15 @@ def collect_status(settings: Settings, *, ping_timeout: float = 1.0) -> dict[str
 @pass_app
 @handle_errors
 def status(app: AppContext, as_json: bool) -> None:
-    """Queue depths, workers seen, dead letters and points in the store."""
+    """Queue depths, workers seen, dead letters and points in the store.
+
+    Exits with status 1 (after printing) when the broker cannot be reached or the store reports an error."""
     data = collect_status(app.settings())
+    failed = "broker_error" in data or "store_error" in data
     if as_json:
         echo_json(data)
+        if failed:
+            raise SystemExit(1)
         return
     click.echo(f"broker        {data['broker']}")
     if "broker_error" in data:
@@ -405,6 +401,8 @@ def status(app: AppContext, as_json: bool) -> None:
     click.echo(f"store         {data['store']} / {data['collection']}")
     points = data.get("points")
     click.echo(f"points        {points if points is not None else data.get('store_note') or data.get('store_error')}")
+    if failed:
+        raise SystemExit(1)
 
 
 def register(group: click.Group) -> None:

@@ -101,22 +101,29 @@ def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT_CHARS) -> str | 
     return value
 
 
-def parse_event(raw: Any) -> Event:
-    """Validate ``raw`` (a dict, or its JSON as str/bytes) strictly; ``InvalidEvent`` says what is wrong."""
+def _load_json(raw: str | bytes | bytearray, what: str, limit: int | None = None) -> Any:
+    """Decode JSON text (bytes must be UTF-8), refusing more than ``limit`` bytes before parsing any of it.
+
+    ``what`` names the thing in the reasons ("batch is not valid JSON"); "" gives the bare single-event ones."""
+    subject = f"{what} is " if what else ""
+    size = len(raw) if isinstance(raw, bytes | bytearray) else len(raw.encode("utf-8", "surrogatepass"))
+    if limit is not None and size > limit:
+        raise InvalidEvent(f"{subject}larger than {limit} bytes")
     if isinstance(raw, bytes | bytearray):
-        if len(raw) > MAX_EVENT_BYTES:
-            raise InvalidEvent(f"larger than {MAX_EVENT_BYTES} bytes")
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise InvalidEvent("not UTF-8") from None
-    if isinstance(raw, str):
-        if len(raw.encode("utf-8", "surrogatepass")) > MAX_EVENT_BYTES:
-            raise InvalidEvent(f"larger than {MAX_EVENT_BYTES} bytes")
-        try:
-            raw = json.loads(raw)
-        except ValueError as err:
-            raise InvalidEvent(f"not valid JSON ({err.msg} at position {err.pos})") from None
+            raise InvalidEvent(f"{subject}not UTF-8") from None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise InvalidEvent(f"{subject}not valid JSON ({err.msg} at position {err.pos})") from None
+
+
+def parse_event(raw: Any) -> Event:
+    """Validate ``raw`` (a dict, or its JSON as str/bytes) strictly; ``InvalidEvent`` says what is wrong."""
+    if isinstance(raw, str | bytes | bytearray):
+        raw = _load_json(raw, "", MAX_EVENT_BYTES)
     if not isinstance(raw, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(raw).__name__}")
     try:
@@ -158,10 +165,7 @@ def parse_event(raw: Any) -> Event:
 def parse_batch(raw: Any) -> list[Any]:
     """The list of (not yet validated) events of a batch task; ``InvalidEvent`` if it is not one."""
     if isinstance(raw, str | bytes | bytearray):
-        try:
-            raw = json.loads(raw)
-        except ValueError as err:
-            raise InvalidEvent(f"batch is not valid JSON ({err})") from None
+        raw = _load_json(raw, "batch")
     if not isinstance(raw, list):
         raise InvalidEvent(f"a batch must be a list of events, not {type(raw).__name__}")
     if len(raw) > MAX_BATCH_EVENTS:
