@@ -26,11 +26,6 @@ def _fresh_registry():
     clear_embedders()
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
-
-
 def _photo(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
