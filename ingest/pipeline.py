@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from search.config import Settings, get_settings
-from search.errors import CollectionMismatch, ImageError
+from search.errors import ImageError
 from search.schema import PointRecord, point_id, sha256_hex
+from search.store import StoreUser
 
 if TYPE_CHECKING:
     from ingest.sources import ImageRef
@@ -111,7 +112,7 @@ def _merge(existing: Sequence[str] | None, new: Iterable[str]) -> list[str]:
     return out
 
 
-class Pipeline:
+class Pipeline(StoreUser):
     """Ingest images into the store. Open once, feed many batches, ``close()`` at the end."""
 
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
@@ -120,11 +121,9 @@ class Pipeline:
         """``content_lock(point_ids)`` guards read-merge-write of those points against other *processes*
         (workers sharing a Qdrant server); ``ingest`` holds it from the lookup to the upsert. The embedded
         store needs none: it admits one process."""
-        self.settings = settings or get_settings()
+        super().__init__(settings or get_settings(), store)
         self.source = source
         self._content_lock = content_lock
-        self._store = store
-        self._own_store = store is None
         self._embedder = embedder
         self._tagger_opt = tagger
         self._tagger: Any = None
@@ -134,14 +133,6 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-decode")
 
     # -- lazily opened parts -------------------------------------------------------------------
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            from search.store import open_store
-
-            self._store = open_store(self.settings)
-        return self._store
-
     @property
     def embedder(self) -> Embedder:
         """The model loads only when an image actually needs embedding (re-runs never pay for it)."""
@@ -156,14 +147,8 @@ class Pipeline:
 
     def _check_cheap(self) -> None:
         """Refuse a collection built with another model before reading anything, without loading the model."""
-        meta = self.store.meta()
-        self._exists = self._exists or meta is not None
         model = self._embedder.name if self._embedder is not None else self.settings.model
-        if meta is not None and meta.model != model:
-            raise CollectionMismatch(
-                f"collection '{self.store.collection}' holds vectors of model {meta.model!r} (dim {meta.dim}); "
-                f"this run uses {model!r}. Use --collection/LOOKALIKE_COLLECTION for a separate collection, "
-                f"or --model {meta.model}")
+        self._exists = self._exists or self.check_model(model) is not None
 
     @property
     def tagger(self) -> Any:
@@ -377,15 +362,7 @@ class Pipeline:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self._store is not None and self._own_store:
-            self._store.close()
-            self._store = None
-
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:

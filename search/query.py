@@ -21,6 +21,7 @@ import numpy as np
 from search.config import Settings, get_settings
 from search.errors import LookalikeError, StoreError
 from search.schema import Filter, Hit
+from search.store import StoreUser
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -29,37 +30,28 @@ if TYPE_CHECKING:
     from search.store import Store
 
 
-class Searcher:
+class Searcher(StoreUser):
     """Search one collection. Open once per process; close (or use ``with``) to release the store."""
 
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
                  embedder: Embedder | None = None) -> None:
-        self.settings = settings or get_settings()
-        self._store = store
-        self._own_store = store is None
+        super().__init__(settings or get_settings(), store)
         self._embedder = embedder
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            from search.store import open_store
-
-            self._store = open_store(self.settings)
-        return self._store
+        self._verified = False
 
     @property
     def embedder(self) -> Embedder:
-        meta = self.store.meta()  # before the model: an empty store should not cost a model load to report
-        if meta is None:
+        # Checked before the model loads: an empty store or a wrong model should not cost a model load.
+        model = self._embedder.name if self._embedder is not None else self.settings.model
+        if self.check_model(model) is None:
             raise StoreError(f"collection '{self.store.collection}' does not exist yet; run `lookalike backfill` first")
         if self._embedder is None:
             from search.models import get_embedder
 
             self._embedder = get_embedder(self.settings.model, self.settings)
-        problem = meta.mismatch(self._embedder.meta())
-        if problem:
-            raise StoreError(f"collection '{self.store.collection}' cannot be searched with model "
-                             f"{self._embedder.name!r}: {problem}; pass --model {meta.model}")
+        if not self._verified:  # the collection exists: this refuses another preprocessing or dim
+            self.store.ensure_collection(self._embedder.meta())
+            self._verified = True
         return self._embedder
 
     def by_vectors(self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None,
@@ -87,14 +79,3 @@ class Searcher:
             f = Filter(must=f.must, must_not=f.must_not, non_empty=f.non_empty, exclude_ids=(*f.exclude_ids, pid))
             results.extend(self.by_vectors(np.asarray([found[pid].vector]), k=k, filter=f, min_score=min_score))
         return results
-
-    def close(self) -> None:
-        if self._store is not None and self._own_store:
-            self._store.close()
-            self._store = None
-
-    def __enter__(self) -> Searcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -861,6 +861,42 @@ class ClientStore(Store):
 
 # --------------------------------------------------------------------------------------------------
 
+class StoreUser:
+    """Base for things that work on one collection (the pipeline, the searcher): the store is opened from
+    ``settings`` on first use unless one was handed in, and ``close()`` closes only a store opened here."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self._own_store = store is None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings)
+        return self._store
+
+    def check_model(self, model: str) -> CollectionMeta | None:
+        """The collection's metadata (None if it does not exist yet); refuses a collection built with another
+        model by name alone, so the check costs no model load."""
+        meta = self.store.meta()
+        if meta is not None and meta.model != model:
+            want = CollectionMeta(model=model, dim=meta.dim, preprocessing=meta.preprocessing)
+            raise CollectionMismatch(_mismatch_message(self.store.collection, meta, want))
+        return meta
+
+    def close(self) -> None:
+        if self._store is not None and self._own_store:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def open_store(settings: Settings, collection: str | None = None) -> Store:
     """The store for ``collection`` (default ``settings.collection_name``): a Qdrant server when
     ``settings.qdrant_url`` is set, else the embedded store under ``settings.data_dir / "qdrant"``.
