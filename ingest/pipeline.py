@@ -154,11 +154,8 @@ class Pipeline(StoreUser):
     def tagger(self) -> Any:
         if self._tagger is None and self._tagger_opt:
             if self._tagger_opt is True:
-                try:
-                    from ingest.tagging import Tagger
-                except ImportError:  # tagging is optional; ingestion must not depend on it
-                    self._tagger_opt = False
-                    return None
+                from ingest.tagging import Tagger
+
                 self._tagger = Tagger(self.store, self.embedder, self.settings)
             else:
                 self._tagger = self._tagger_opt
