@@ -36,7 +36,7 @@ import numpy as np
 from search.config import Settings
 from search.errors import ConfigError, ModelError
 from search.evaluate import l2_normalize, pca_fit
-from search.models import INFO_FILE, HeadEmbedder, get_embedder, load_head, read_model_info
+from search.models import INFO_FILE, DenseLayer, HeadEmbedder, get_embedder, load_head, read_model_info
 
 if TYPE_CHECKING:
     from search.models import Embedder
@@ -46,21 +46,11 @@ log = logging.getLogger(__name__)
 LOSSES = ("proxy-anchor", "supcon", "normsoftmax")
 
 
-@dataclass
-class Layer:
-    """One Dense layer: ``y = x @ weight.T + bias`` (identity activation)."""
+@dataclass(frozen=True)
+class Layer(DenseLayer):
+    """A Dense layer as ``finetune`` builds it, with what made it: ``kind`` is "pca" or "head"."""
 
-    weight: np.ndarray  # (out, in)
-    bias: np.ndarray  # (out,)
-    kind: str  # "pca" | "head"
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
+    kind: str
 
 
 def apply_layers(x: np.ndarray, layers: Sequence[Layer]) -> np.ndarray:
