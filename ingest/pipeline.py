@@ -146,7 +146,11 @@ class Pipeline(StoreUser):
         return self._embedder
 
     def _check_cheap(self) -> None:
-        """Refuse a collection built with another model before reading anything, without loading the model."""
+        """Refuse a collection built with another model before reading anything, without loading the model.
+        Once the full check has passed (``embedder``), it is not repeated: on a server it costs round trips
+        per call, and workers call ``ingest`` per event."""
+        if self._checked:
+            return
         model = self._embedder.name if self._embedder is not None else self.settings.model
         self._exists = self._exists or self.check_model(model) is not None
 

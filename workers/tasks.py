@@ -74,7 +74,9 @@ def default_pipeline(settings: Settings) -> Pipeline:
 
     # Workers sharing a Qdrant server must not interleave read-merge-write of one point's uris/labels
     # (nor embed the same new bytes twice and overwrite each other's uris): lock the point ids in Redis.
-    lock = None if settings.embedded else RedisContentLock(_broker_client(settings))
+    from workers.app import broker_url
+
+    lock = None if settings.embedded else RedisContentLock(_redis_for(broker_url(settings)))
     return Pipeline(settings, source="worker", content_lock=lock)
 
 
@@ -101,14 +103,6 @@ class RedisContentLock:
             for lock in reversed(held):
                 with contextlib.suppress(redis.exceptions.LockError):  # expired meanwhile: nothing to release
                     lock.release()
-
-
-def _broker_client(settings: Settings) -> Any:
-    import redis
-
-    from workers.app import broker_url
-
-    return redis.Redis.from_url(broker_url(settings))
 
 
 pipeline_factory: Callable[[Settings], Pipeline] = default_pipeline
@@ -168,13 +162,18 @@ def dead_letters(app: Any) -> DeadLetters:
     return _dead[key]
 
 
-def redis_client(app: Any) -> Any:
+def _redis_for(url: str) -> Any:
+    """One client per process and broker URL; socket timeouts make a hung Redis fail a task, not hang it."""
     import redis
 
-    key = (os.getpid(), _broker(app))
+    key = (os.getpid(), url)
     if key not in _redis:
-        _redis[key] = redis.Redis.from_url(key[1], socket_timeout=5, socket_connect_timeout=5)
+        _redis[key] = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     return _redis[key]
+
+
+def redis_client(app: Any) -> Any:
+    return _redis_for(_broker(app))
 
 
 def _consumes_live(app: Any) -> bool:
