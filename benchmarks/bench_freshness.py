@@ -159,20 +159,33 @@ def copy_model_cache(src: Path, dst: Path) -> None:
         shutil.copytree(src / "cache", dst / "cache", dirs_exist_ok=True)
 
 
-def freshness(h: Harness, seed_refs: list[Any], event_paths: list[Path], rate: float, data: Path,
-              root: Path) -> dict[str, Any]:
+def _client_app(h: Harness, data: Path, root: Path) -> Any:
+    """A Celery client for the worker on ``data``, with a result backend (Redis db 1) so we can wait on tasks."""
     from workers.app import make_app
-    from workers.events import BACKFILL_QUEUE, INGEST_BATCH_TASK, INGEST_TASK, LIVE_QUEUE, make_event
 
-    proc = h.start_worker(data, (root,), probe=True, log=h.tmp / "worker-freshness.log")
     os.environ["LOOKALIKE_RESULT_BACKEND"] = h.redis.url[:-1] + "1"
     try:
-        app = make_app(h.settings(data, (root,)))
+        return make_app(h.settings(data, (root,)))
     finally:
         del os.environ["LOOKALIKE_RESULT_BACKEND"]
+
+
+def _send_chunks(app: Any, refs: list[Any], size: int = 64) -> list[Any]:
+    """Backfill-queue batch tasks of ``size`` events; returns their AsyncResults."""
+    from workers.events import BACKFILL_QUEUE, INGEST_BATCH_TASK, make_event
+
+    return [app.send_task(INGEST_BATCH_TASK, args=[[make_event(r.uri, r.labels) for r in refs[i:i + size]]],
+                          queue=BACKFILL_QUEUE) for i in range(0, len(refs), size)]
+
+
+def freshness(h: Harness, seed_refs: list[Any], event_paths: list[Path], rate: float, data: Path,
+              root: Path) -> dict[str, Any]:
+    from workers.events import INGEST_TASK, LIVE_QUEUE, make_event
+
+    proc = h.start_worker(data, (root,), probe=True, log=h.tmp / "worker-freshness.log")
+    app = _client_app(h, data, root)
     t0 = time.time()
-    seeds = [app.send_task(INGEST_BATCH_TASK, args=[[make_event(r.uri, r.labels) for r in seed_refs[i:i + 64]]],
-                           queue=BACKFILL_QUEUE) for i in range(0, len(seed_refs), 64)]
+    seeds = _send_chunks(app, seed_refs)
     for r in seeds:
         r.get(timeout=600)
     seed_s = time.time() - t0
@@ -233,8 +246,6 @@ def freshness(h: Harness, seed_refs: list[Any], event_paths: list[Path], rate: f
 
 def throughput(h: Harness, refs: list[Any], root: Path, data_a: Path, data_b: Path) -> dict[str, Any]:
     from ingest.pipeline import Pipeline
-    from workers.app import make_app
-    from workers.events import BACKFILL_QUEUE, INGEST_BATCH_TASK, make_event
 
     settings = h.settings(data_a, (root,))
     with Pipeline(settings, source="backfill") as pipeline:
@@ -246,14 +257,9 @@ def throughput(h: Harness, refs: list[Any], root: Path, data_a: Path, data_b: Pa
         in_process = time.perf_counter() - t0
     copy_model_cache(data_a, data_b)
     proc = h.start_worker(data_b, (root,), probe=False, log=h.tmp / "worker-throughput.log")
-    os.environ["LOOKALIKE_RESULT_BACKEND"] = h.redis.url[:-1] + "1"
-    try:
-        app = make_app(h.settings(data_b, (root,)))
-    finally:
-        del os.environ["LOOKALIKE_RESULT_BACKEND"]
+    app = _client_app(h, data_b, root)
     t0 = time.perf_counter()
-    sent = [app.send_task(INGEST_BATCH_TASK, args=[[make_event(r.uri, r.labels) for r in refs[i:i + 64]]],
-                          queue=BACKFILL_QUEUE) for i in range(0, len(refs), 64)]
+    sent = _send_chunks(app, refs)
     counts = [r.get(timeout=1800)["counts"] for r in sent]
     via_workers = time.perf_counter() - t0
     h.stop_worker(proc)
