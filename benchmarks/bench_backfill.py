@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingest.images import decode
+from search.images import decode
 from ingest.pipeline import Pipeline
 from ingest.sources import iter_refs
 from search.config import get_settings

@@ -1,13 +1,12 @@
 """``lookalike backfill`` and ``lookalike search`` (registered on the root group by entry point).
 
 ``search`` lives here rather than in ``search/`` because query files go through the same safe decoder
-as ingested ones (ingest.images), and dependencies point ingest → search, never back.
+as ingested ones (search.images), and dependencies point ingest → search, never back.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import click
 
 from search.cli import AppContext, echo_json, handle_errors, pass_app
+from search.config import replace
 from search.errors import ConfigError, ImageError
 from search.schema import Filter, Hit
 
@@ -112,9 +112,9 @@ def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids
     Answers come in the order of the queries: images, then texts, then ids. A query image that cannot be
     read gets an answer with an "error" and no results, and the exit status is 2.
     """
-    from ingest.images import decode
-    from ingest.sources import read_bytes
+    from search.images import decode
     from search.query import Searcher
+    from search.reading import read_bytes
 
     if not (images or texts or ids):
         raise click.UsageError("give at least one image, --text or --id")
@@ -171,8 +171,8 @@ def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids
 
 def _sheet(path: Path, queries: list[dict[str, Any]], pictures: list[Any], results: list[list[Hit]],
            settings: Any) -> None:
-    from ingest.images import decode
-    from ingest.sources import local_path, read_bytes
+    from search.images import decode
+    from search.reading import local_path, read_bytes
     from search.sheet import draw_sheet
 
     def load(hit: Hit) -> Any:

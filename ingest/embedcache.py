@@ -7,7 +7,7 @@ a named model never serves stale vectors. Inside, vectors are keyed by the SHA-2
 second table maps (path, size, mtime) to that hash so an unchanged file is not even read again. Files that
 fail to decode are remembered the same way (their one-line reason is printed again, nothing is re-decoded).
 
-Decoding is the ingestion path's own: ``ingest.sources.read_bytes`` + ``ingest.images.decode`` +
+Decoding is the ingestion path's own: ``search.reading.read_bytes`` + ``search.images.decode`` +
 ``embedder.prepare`` in a thread pool, overlapped with ``embedder.embed_prepared``.
 """
 
@@ -134,7 +134,7 @@ class Embedded:
 
 
 def _stat(uri: str) -> tuple[str, int, int] | None:
-    from ingest.sources import local_path
+    from search.reading import local_path
 
     path = local_path(uri)
     if path is None:
@@ -152,7 +152,7 @@ def embed_refs(refs: Iterable[ImageRef], embedder: Embedder, settings: Settings,
     ``skipping <uri>: <reason>`` through ``warn``."""
     from tqdm import tqdm
 
-    from ingest.sources import read_bytes
+    from search.reading import read_bytes
 
     start = time.perf_counter()
     refs = list(refs)
@@ -266,7 +266,7 @@ def _embed_concatenation(refs: list[ImageRef], parts: Sequence[Embedder], settin
 
 
 def _prepare(data: bytes, uri: str, embedder: Embedder, settings: Settings) -> Any:
-    from ingest.images import decode
+    from search.images import decode
 
     try:
         decoded = decode(data, uri, max_pixels=settings.max_pixels, draft=draft_size(embedder))

@@ -89,7 +89,8 @@ def relative_key(path: Path, root: Path) -> Path | None:
 
 def image_folder_refs(root: Path) -> list[Any]:
     """ImageRefs of an ImageFolder tree, labelled with their class folder; bad entries reported on stderr."""
-    from ingest.sources import ImageRef, iter_refs, local_path
+    from ingest.sources import ImageRef, iter_refs
+    from search.reading import local_path
 
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -433,8 +434,8 @@ def near_duplicate_figures(data: Dataset, embedder: Embedder, cache: EmbeddingCa
     (Caltech's Leopards, Faces/Faces_easy), no global descriptor can tell which of them was altered.
     """
     from ingest.embedcache import embed_images
-    from ingest.images import decode
-    from ingest.sources import read_bytes
+    from search.images import decode
+    from search.reading import read_bytes
     from search.schema import sha256_hex
 
     def pixels(i: int) -> np.ndarray:

@@ -167,7 +167,7 @@ class Pipeline(StoreUser):
 
     # -- stages ------------------------------------------------------------------------------------
     def _read(self, ref: ImageRef) -> _Item:
-        from ingest.sources import read_bytes
+        from search.reading import read_bytes
 
         item = _Item(ref=ref, outcome=Outcome(uri=ref.uri, status="failed"))
         t0 = time.perf_counter()
@@ -185,7 +185,7 @@ class Pipeline(StoreUser):
 
     def _decode(self, item: _Item) -> tuple[Any, bool, dict[str, Any]]:
         """Decode (and prepare, once the model is loaded) one image; runs in the decode threads."""
-        from ingest.images import decode
+        from search.images import decode
 
         t0 = time.perf_counter()
         assert item.data is not None

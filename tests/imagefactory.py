@@ -321,7 +321,7 @@ def gif_bomb(path: str | Path, *, width: int = 65535, height: int = 65535) -> Pa
 def write_broken_set(folder: str | Path) -> list[Path]:
     """One file of each broken kind in ``folder``, every one named like an image; returns their paths.
 
-    Each fails ``ingest.images.decode`` under the default settings (40 MP limit): truncated JPEG and PNG,
+    Each fails ``search.images.decode`` under the default settings (40 MP limit): truncated JPEG and PNG,
     random bytes, a zero-byte file, text named ``.png``, and PNG / GIF headers claiming huge sizes.
     """
     folder = Path(folder)

@@ -1,4 +1,4 @@
-"""ingest.images.decode on real files written by tests/imagefactory.py: good ones decode to upright RGB with
+"""search.images.decode on real files written by tests/imagefactory.py: good ones decode to upright RGB with
 the right colours, broken and hostile ones fail with a short reason and no large allocation."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ingest.images import Decoded, decode
+from search.images import Decoded, decode
 from search.errors import ImageError
 from tests import imagefactory as f
 
