@@ -91,11 +91,9 @@ def _factory(settings: Any) -> Any:
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from workers import tasks
         from workers.app import make_app
 
-        tasks.pipeline_factory = _factory
-        value = make_app()
+        value = make_app(pipeline_factory=_factory)
         globals()["app"] = value
         return value
     raise AttributeError(name)
@@ -116,9 +114,9 @@ class Harness:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def settings(self, data: Path, roots: tuple[Path, ...]) -> Any:
-        from search.config import get_settings
+        from workers.config import worker_settings
 
-        return get_settings(broker_url=self.redis.url, data_dir=data, allowed_roots=roots, threads=2)
+        return worker_settings(broker_url=self.redis.url, data_dir=data, allowed_roots=roots, threads=2)
 
     def start_worker(self, data: Path, roots: tuple[Path, ...], probe: bool, log: Path) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}

@@ -1,12 +1,7 @@
-"""``lookalike backfill`` and ``lookalike search`` (registered on the root group by entry point).
-
-``search`` lives here rather than in ``search/`` because query files go through the same safe decoder
-as ingested ones (search.images), and dependencies point ingest → search, never back.
-"""
+"""``lookalike backfill`` (registered on the root group by entry point): getting images in."""
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -15,9 +10,7 @@ from typing import Any
 import click
 
 from search.cli import AppContext, echo_json, handle_errors, pass_app
-from search.config import replace
-from search.errors import ConfigError, ImageError
-from search.schema import Filter, Hit
+from search.errors import ConfigError
 
 
 @click.command()
@@ -93,110 +86,52 @@ def _fanout() -> Any:
     raise ConfigError("--via-workers needs the workers component (entry point lookalike.fanout) installed")
 
 
-@click.command()
-@click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--text", "texts", multiple=True, help="Text query (CLIP models). Repeatable.")
-@click.option("--id", "ids", multiple=True, help="Find neighbours of a stored point. Repeatable.")
-@click.option("-k", default=10, show_default=True, type=click.IntRange(min=1), help="Results per query.")
-@click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
-              help="Only points with this label/tag/source…, e.g. label=cat. Repeat a field for OR, fields AND.")
-@click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON answer per query, in order.")
-@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Draw queries and results to a PNG.")
+@click.command("tag")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Zero-shot prompts file (CLIP models): one label per line, or 'label: prompt text' "
+                   "[default: LOOKALIKE_TAG_PROMPTS].")
+@click.option("--restart", is_flag=True, help="Forget the checkpoint of an interrupted run and start over.")
+@click.option("--all", "include_labelled", is_flag=True, help="Also tag points that carry user labels.")
+@click.option("--batch", type=int, default=256, help="Points per batch (one checkpoint per batch).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @pass_app
 @handle_errors
-def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids: tuple[str, ...], k: int,
-           filters: tuple[str, ...], min_score: float | None, as_json: bool, sheet: Path | None) -> None:
-    """Search by image files, --text and/or --id. All queries share one model load and run batched.
+def tag_cmd(app: AppContext, prompts: Path | None, restart: bool, include_labelled: bool, batch: int,
+            as_json: bool) -> None:
+    """Re-tag stored points from their labelled neighbours (e.g. after new labels arrived). Resumable:
+    an interrupted run continues where it stopped (--restart to start over)."""
+    from ingest.tagging import Tagger, checkpoint_path, load_prompts, retag
+    from search.store import open_store
 
-    Answers come in the order of the queries: images, then texts, then ids. A query image that cannot be
-    read gets an answer with an "error" and no results, and the exit status is 2.
-    """
-    from search.images import decode
-    from search.query import Searcher
-    from search.reading import read_bytes
+    settings = app.settings(**({"tag_prompts": prompts} if prompts else {}))
+    store = open_store(settings)
+    try:
+        meta = store.meta()
+        if meta is None:
+            raise ConfigError(f"collection '{store.collection}' is empty; run `lookalike backfill` first")
+        prompt_list = load_prompts(settings.tag_prompts) if settings.tag_prompts else []
+        embedder = None
+        if prompt_list:  # the model is only needed to embed the prompts
+            from search.models import get_embedder
 
-    if not (images or texts or ids):
-        raise click.UsageError("give at least one image, --text or --id")
-    settings = app.settings()
-    flt = Filter.parse(list(filters))
-    # The allowed roots guard what event producers may name; the user's own query files are not events.
-    local = replace(settings, allowed_roots=())
-    queries: list[dict[str, Any]] = []
-    pictures: list[Any] = []
-    for path in images:
-        try:
-            uri = str(Path(path).resolve())
-            pictures.append(decode(read_bytes(uri, local), path, max_pixels=settings.max_pixels).image)
-            queries.append({"query": path, "kind": "image"})
-        except ImageError as err:
-            click.echo(f"cannot search with {err}", err=True)
-            queries.append({"query": path, "kind": "image", "error": err.reason})
-    if images and not pictures and not (texts or ids):
-        raise click.ClickException("none of the query images could be read")
-    with Searcher(settings) as searcher:
-        results: list[list[Hit]] = []
-        if pictures:
-            found = iter(searcher.by_images(pictures, k=k, filter=flt, min_score=min_score))
-            results += [[] if "error" in q else next(found) for q in queries]
-        else:
-            results += [[] for _ in queries]
-        if texts:
-            results += searcher.by_texts(list(texts), k=k, filter=flt, min_score=min_score)
-            queries += [{"query": t, "kind": "text"} for t in texts]
-        if ids:
-            results += searcher.by_ids(list(ids), k=k, filter=flt, min_score=min_score)
-            queries += [{"query": i, "kind": "id"} for i in ids]
-    if sheet is not None:
-        readable = [(q, r) for q, r in zip(queries, results, strict=True) if "error" not in q]
-        _sheet(sheet, [q for q, _ in readable], pictures, [r for _, r in readable], settings)
-        click.echo(f"sheet written to {sheet}", err=True)
+            embedder = get_embedder(meta.model, settings)
+        tagger = Tagger(store, embedder, settings, prompts=prompt_list)  # type: ignore[arg-type]
+        if checkpoint_path(settings, store.collection).exists() and not restart:
+            click.echo("resuming an interrupted tagging run (--restart to start over)", err=True)
+        stats = retag(store, tagger, settings, restart=restart, include_labelled=include_labelled, batch=batch,
+                      on_batch=lambda s: click.echo(f"tagged {s.tagged + s.untagged} points …", err=True))
+    finally:
+        store.close()
     if as_json:
-        echo_json([{**q, "results": [h.to_dict() for h in r]} for q, r in zip(queries, results, strict=True)])
+        echo_json(stats.to_dict())
     else:
-        for q, hits in zip(queries, results, strict=True):
-            click.echo(f"\n{q['kind']} query: {q['query']}")
-            if "error" in q:
-                click.echo(f"  (cannot read: {q['error']})")
-            elif not hits:
-                click.echo("  (no results)")
-            for rank, h in enumerate(hits, 1):
-                labels = ",".join(h.labels) or "-"
-                tags = ",".join(f"{t['label']}({t['score']:.2f})" for t in h.tags) or "-"
-                click.echo(f"  {rank:>2}  {h.score:.4f}  {h.id}  labels={labels}  tags={tags}  "
-                           f"{h.uris[0] if h.uris else ''}")
-    if any("error" in q for q in queries):
-        sys.exit(2)
-
-
-def _sheet(path: Path, queries: list[dict[str, Any]], pictures: list[Any], results: list[list[Hit]],
-           settings: Any) -> None:
-    from search.images import decode
-    from search.reading import local_path, read_bytes
-    from search.sheet import draw_sheet
-
-    def load(hit: Hit) -> Any:
-        for uri in hit.uris:
-            if local_path(uri) is None:
-                continue
-            try:
-                return decode(read_bytes(uri, settings), uri, max_pixels=settings.max_pixels,
-                              draft=(320, 320)).image
-            except ImageError:
-                continue
-        return None
-
-    rows = []
-    pics = iter(pictures)
-    for q in queries:
-        rows.append((str(q["query"]) if q["kind"] != "image" else Path(q["query"]).name,
-                     next(pics) if q["kind"] == "image" else None))
-    draw_sheet(rows, results, load, path)
+        click.echo(f"{stats.seen} points re-tagged ({stats.tagged} tagged, {stats.untagged} left untagged)"
+                   + (f"; {stats.skipped} done by the interrupted run" if stats.resumed else ""))
 
 
 def register(group: click.Group) -> None:
     group.add_command(backfill)
-    group.add_command(search)
+    group.add_command(tag_cmd)
 
 
-__all__ = ["backfill", "register", "search"]
+__all__ = ["backfill", "register", "tag_cmd"]

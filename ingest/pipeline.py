@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from search.config import Settings, get_settings
 from search.errors import ImageError
-from search.schema import PointRecord, point_id, sha256_hex
+from search.schema import PointRecord, build_payload, point_id, sha256_hex
 from search.store import StoreUser
 
 if TYPE_CHECKING:
@@ -271,9 +271,9 @@ class Pipeline(StoreUser):
             pid = it.outcome.id
             assert pid is not None
             shared = pending.pop(pid)  # later copies in this run merged their uris/labels here
-            payload = {"sha256": it.sha, "uris": shared["uris"], "source": it.ref.source or self.source,
-                       **info, "bytes": it.size, "ingested_at": now, "labels": shared["labels"], "tags": tag,
-                       "model": embedder.name}
+            payload = build_payload(sha256=it.sha or "", uris=shared["uris"], source=it.ref.source or self.source,
+                                    **info, size=it.size, ingested_at=now, labels=shared["labels"], tags=tag,
+                                    model=embedder.name)
             points.append(PointRecord(id=pid, vector=vector, payload=payload))
             it.outcome.tags = tag
             it.outcome.timings.update(embed=t_embed, tag=t_tag)

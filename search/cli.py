@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from search.config import Settings, get_settings
 from search.errors import LookalikeError
+
+if TYPE_CHECKING:
+    from search.config import S
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,8 +35,12 @@ class AppContext:
 
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    def settings(self, **more: Any) -> Settings:
-        return get_settings(**{**self.overrides, **{k: v for k, v in more.items() if v is not None}})
+    def settings(self, cls: type[S] | None = None, **more: Any) -> S:
+        """``cls`` (default: the core Settings, or a process's extension of it) from the environment, then
+        the flags. pydantic is imported here, not at start-up: ``lookalike --help`` stays instant."""
+        from search.config import Settings, load
+
+        return load(cls or Settings, **{**self.overrides, **{k: v for k, v in more.items() if v is not None}})  # type: ignore[return-value]
 
 
 pass_app = click.make_pass_decorator(AppContext, ensure=True)

@@ -30,6 +30,19 @@ if TYPE_CHECKING:
     from search.store import Store
 
 
+def read_query_image(uri: str, settings: Settings, *, name: str | None = None, data: bytes | None = None) -> Image:
+    """A query picture, read and decoded by the same safe code as ingested images (size, pixel and format
+    caps; ``ImageError`` names ``name`` or ``uri`` and the reason). ``data``: bytes already in hand (an
+    upload). The allowed roots guard what event producers may name; a user's own query file is no event."""
+    from search.config import replace
+    from search.images import decode
+    from search.reading import read_bytes
+
+    if data is None:
+        data = read_bytes(uri, replace(settings, allowed_roots=()))
+    return decode(data, name or uri, max_pixels=settings.max_pixels).image
+
+
 class Searcher(StoreUser):
     """Search one collection. Open once per process; close (or use ``with``) to release the store."""
 

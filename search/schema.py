@@ -43,6 +43,41 @@ PAYLOAD_FIELDS = (
 )
 
 
+# field -> the type every stored value has (checked by ``build_payload``; tags entries are dicts).
+_PAYLOAD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "sha256": str, "uris": list, "source": str, "width": int, "height": int, "format": str, "bytes": int,
+    "ingested_at": str, "labels": list, "tags": list, "model": str,
+}
+
+
+def build_payload(*, sha256: str, uris: list[str], source: str, width: int, height: int, format: str,
+                  size: int, ingested_at: str, labels: list[str], tags: list[dict[str, Any]],
+                  model: str) -> dict[str, Any]:
+    """The payload of a new point — the one place it is built, so every writer stores the same shape.
+
+    Keyword-only, one per ``PAYLOAD_FIELDS`` entry (``size`` is stored as ``bytes``); a value of the wrong
+    type is a programming error and raises ``TypeError`` before anything is written."""
+    payload = {"sha256": sha256, "uris": list(uris), "source": source, "width": width, "height": height,
+               "format": format, "bytes": size, "ingested_at": ingested_at, "labels": list(labels),
+               "tags": list(tags), "model": model}
+    check_payload(payload)
+    return payload
+
+
+def check_payload(payload: dict[str, Any]) -> None:
+    """Refuse a payload that does not follow the contract (unknown or missing fields, wrong types)."""
+    if set(payload) != set(PAYLOAD_FIELDS):
+        extra, missing = sorted(set(payload) - set(PAYLOAD_FIELDS)), sorted(set(PAYLOAD_FIELDS) - set(payload))
+        raise TypeError(f"payload fields differ from the contract: unknown {extra}, missing {missing}")
+    for key, kind in _PAYLOAD_TYPES.items():
+        value = payload[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"payload field {key!r} must be {getattr(kind, '__name__', kind)}, "
+                            f"not {type(value).__name__}")
+    if not all(isinstance(x, str) for x in payload["uris"] + payload["labels"]):
+        raise TypeError("payload 'uris' and 'labels' hold strings only")
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -334,3 +334,11 @@ def write_broken_set(folder: str | Path) -> list[Path]:
         png_bomb(folder / "bomb.png"),
         gif_bomb(folder / "bomb.gif"),
     ]
+
+
+def photo(path: Path, seed: int, size: tuple[int, int] = (96, 64)) -> Path:
+    """A distinct, real JPEG: smooth random colour field, so thumbnails differ per seed."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=92)
+    return path

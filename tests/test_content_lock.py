@@ -21,9 +21,10 @@ from ingest.pipeline import Pipeline
 from ingest.sources import ImageRef
 from search.config import get_settings
 from search.store import ClientStore
+from tests.fakes import TinyEmbedder
+from tests.imagefactory import photo as _photo
 from tests.redis_server import RedisServer
-from tests.test_pipeline import TinyEmbedder, _photo
-from workers.tasks import RedisContentLock
+from workers.runtime import RedisContentLock
 
 pytestmark = pytest.mark.redis
 

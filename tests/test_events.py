@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from search.config import get_settings
 from search.errors import ConfigError, StoreLocked
-from workers.app import WorkerConfig, make_app, mask_url, pool_name, preflight, threads_per_process
+from workers.app import make_app, preflight
+from workers.config import RetryPolicy, mask_url, worker_settings
 from workers.events import (
     BACKFILL_QUEUE,
     INGEST_BATCH_TASK,
@@ -29,6 +30,7 @@ from workers.events import (
     parse_batch,
     parse_event,
 )
+from workers.runtime import pool_name, threads_per_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +98,7 @@ def test_raw_celery_message_is_protocol_v2_json() -> None:
 
 # ---------------------------------------------------------------------------------------------- the app
 def test_app_is_configured_for_safe_delivery() -> None:
-    app = make_app(get_settings(broker_url="redis://:secret@127.0.0.1:6399/0"))
+    app = make_app(worker_settings(broker_url="redis://:secret@127.0.0.1:6399/0"))
     conf = app.conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
@@ -115,11 +117,46 @@ def test_visibility_timeout_shorter_than_time_limit_is_refused(monkeypatch: pyte
     monkeypatch.setenv("LOOKALIKE_VISIBILITY_TIMEOUT", "200")
     with pytest.raises(ConfigError, match="LOOKALIKE_VISIBILITY_TIMEOUT"):
         make_app(get_settings())
+    monkeypatch.delenv("LOOKALIKE_VISIBILITY_TIMEOUT")
     with pytest.raises(ConfigError, match="SOFT_TIME_LIMIT"):
-        WorkerConfig(soft_time_limit=10, time_limit=5).check()
+        worker_settings(task_soft_time_limit=10, task_time_limit=5).check()
     monkeypatch.setenv("LOOKALIKE_MAX_RETRIES", "many")
     with pytest.raises(ConfigError, match="LOOKALIKE_MAX_RETRIES"):
-        WorkerConfig.from_env()
+        worker_settings()
+    monkeypatch.setenv("LOOKALIKE_MAX_RETRIES", "-1")
+    with pytest.raises(ConfigError, match="LOOKALIKE_MAX_RETRIES"):
+        worker_settings()
+
+
+def test_junk_booleans_are_refused_by_every_settings_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One parser: a typo in a flag is an error naming the variable, in the core and in the worker alike."""
+    monkeypatch.setenv("LOOKALIKE_ALLOW_ANY_PATH", "sure")
+    with pytest.raises(ConfigError, match=r"LOOKALIKE_ALLOW_ANY_PATH.*yes/no"):
+        worker_settings()
+    monkeypatch.setenv("LOOKALIKE_ALLOW_ANY_PATH", "on")
+    assert worker_settings().allow_any_path is True
+    monkeypatch.setenv("LOOKALIKE_FETCH_URLS", "nope")
+    with pytest.raises(ConfigError, match="LOOKALIKE_FETCH_URLS"):
+        get_settings()
+
+
+def test_the_core_settings_know_nothing_of_brokers() -> None:
+    assert "broker_url" not in type(get_settings()).model_fields
+    settings = worker_settings(broker_url="redis://:hunter2@10.0.0.5:6379/0")
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings)
+    assert settings.broker == "redis://:hunter2@10.0.0.5:6379/0"
+
+
+def test_one_retry_policy_for_both_retry_paths() -> None:
+    policy = RetryPolicy(max_retries=3, backoff=2.0, backoff_max=10.0)
+    assert policy.celery_options() == {"retry_backoff": 2.0, "retry_backoff_max": 10, "retry_jitter": True,
+                                       "max_retries": 3}
+    assert all(0 <= policy.countdown(n) <= min(10, 2 * 2**n) for n in range(6) for _ in range(20))
+    assert not policy.exhausted(2) and policy.exhausted(3)
+    app = make_app(worker_settings(max_retries=3, retry_backoff=2.0, retry_backoff_max=10.0))
+    for name in (INGEST_TASK, INGEST_BATCH_TASK):
+        task = app.tasks[name]
+        assert task.lookalike_retry == policy and task.max_retries == 3 and task.retry_backoff_max == 10
 
 
 def test_urls_are_masked() -> None:
@@ -130,28 +167,27 @@ def test_urls_are_masked() -> None:
 
 
 def test_worker_preflight(tmp_path: Path) -> None:
-    settings = get_settings(data_dir=tmp_path / "data")
-    config = WorkerConfig()
+    settings = worker_settings(data_dir=tmp_path / "data")
     with pytest.raises(ConfigError, match="LOOKALIKE_ALLOWED_ROOTS"):
-        preflight(settings, config, pool="prefork", concurrency=1)
-    preflight(settings, WorkerConfig(allow_any_path=True), pool="prefork", concurrency=1)
-    rooted = get_settings(data_dir=tmp_path / "data", allowed_roots=(tmp_path,))
+        preflight(settings, pool="prefork", concurrency=1)
+    preflight(settings.replace(allow_any_path=True), pool="prefork", concurrency=1)
+    rooted = worker_settings(data_dir=tmp_path / "data", allowed_roots=(tmp_path,))
     with pytest.raises(ConfigError, match="embedded store allows one process"):
-        preflight(rooted, config, pool="prefork", concurrency=2)
-    preflight(rooted, config, pool="threads", concurrency=4)
-    served = get_settings(data_dir=tmp_path / "data", allowed_roots=(tmp_path,), qdrant_url="http://q:6333")
-    preflight(served, config, pool="prefork", concurrency=8)
+        preflight(rooted, pool="prefork", concurrency=2)
+    preflight(rooted, pool="threads", concurrency=4)
+    served = worker_settings(data_dir=tmp_path / "data", allowed_roots=(tmp_path,), qdrant_url="http://q:6333")
+    preflight(served, pool="prefork", concurrency=8)
 
     from search.store import open_store
 
     store = open_store(rooted)  # this process owns the store now; a worker would be refused
     try:
         with pytest.raises(StoreLocked, match="in use by PID"):
-            preflight(rooted, config, pool="prefork", concurrency=1, probe_lock=True)
+            preflight(rooted, pool="prefork", concurrency=1, probe_lock=True)
     finally:
         store.close()
     # The probe does not keep the lock.
-    preflight(rooted, config, pool="prefork", concurrency=1)
+    preflight(rooted, pool="prefork", concurrency=1)
     open_store(rooted).close()
 
 
@@ -196,7 +232,7 @@ def test_watch_in_process_makes_new_files_searchable(tmp_path: Path) -> None:
 
     from ingest.pipeline import Pipeline
     from search.store import open_store
-    from tests.worker_app import TinyEmbedder
+    from tests.fakes import TinyEmbedder
     from workers.cli import _InProcessSink
     from workers.watch import Watcher
 

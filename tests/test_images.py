@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from search.images import Decoded, decode
 from search.errors import ImageError
+from search.images import Decoded, decode
 from tests import imagefactory as f
 
 DEFAULT_MAX = 40_000_000  # Settings.max_pixels

@@ -6,58 +6,20 @@ what the pipeline stores, skips and reports, and must stay fast. The real model 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from ingest.pipeline import Pipeline
 from ingest.sources import ImageRef, iter_refs
 from search.config import get_settings
-from search.errors import CollectionMismatch, ModelError
-from search.schema import CollectionMeta, Filter, point_id, sha256_hex
+from search.errors import CollectionMismatch
+from search.schema import Filter, point_id, sha256_hex
 from search.store import open_store
 from tests import imagefactory
-
-
-class TinyEmbedder:
-    """A deterministic stand-in for the network: a normalised 8×8 RGB thumbnail (192-d)."""
-
-    supports_text = False
-    preprocessing = "thumb8-v1"
-
-    def __init__(self, name: str = "tiny") -> None:
-        self.name = name
-        self.dim = 192
-        self.calls = 0
-
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        return np.asarray(image.resize((8, 8)), dtype=np.float32).ravel()
-
-    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
-        self.calls += 1
-        x = np.stack(items) - 127.5
-        return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-6)).astype(np.float32)
-
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.embed_prepared([self.prepare(i) for i in images])
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        raise ModelError(f"model {self.name!r} embeds images only")
-
-    def meta(self) -> CollectionMeta:
-        return CollectionMeta(model=self.name, dim=self.dim, preprocessing=self.preprocessing)
-
-
-def _photo(path: Path, seed: int, size: tuple[int, int] = (96, 64)) -> Path:
-    """A distinct, real JPEG: smooth random colour field, so thumbnails differ per seed."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
-    Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=92)
-    return path
+from tests.fakes import TinyEmbedder
+from tests.imagefactory import photo as _photo
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.config import get_settings
 from search.schema import point_id, sha256_hex
 from tests.redis_server import RedisServer
+from workers.config import worker_settings
 from workers.deadletters import DeadLetters
 from workers.events import BACKFILL_QUEUE, INGEST_TASK, LIVE_QUEUE, celery_message, make_event
 
@@ -121,7 +121,7 @@ class Env:
 
     def settings(self, **kw: Any):
         kw = {"model": "tiny", **kw}
-        return get_settings(broker_url=self.redis_url, data_dir=self.data, allowed_roots=(self.root,), **kw)
+        return worker_settings(broker_url=self.redis_url, data_dir=self.data, allowed_roots=(self.root,), **kw)
 
     def start(self, pool: str = "prefork", concurrency: int = 1, **extra: str) -> Worker:
         worker = Worker(self.env(**extra), self.tmp / f"worker{len(self.workers)}.log", pool, concurrency)
@@ -168,7 +168,7 @@ def env(tmp_path: Path, redis_url: str) -> Iterator[Env]:
 
 
 def _tiny_vector(path: Path) -> np.ndarray:
-    from tests.worker_app import TinyEmbedder
+    from tests.fakes import TinyEmbedder
 
     with Image.open(path) as img:
         return TinyEmbedder().embed_images([img.convert("RGB")])
@@ -508,3 +508,34 @@ def test_cli_status_and_dead_letters(redis_url: str, tmp_path: Path, monkeypatch
     DeadLetters(client).add("junk", "not valid JSON", id="t2:0:0")
     result = runner.invoke(main, ["dead-letters", "purge", "--all", "--yes"])
     assert "purged 1" in result.output and DeadLetters(client).count() == 0
+
+
+def test_watch_via_broker_sends_events_with_the_given_source_and_labels(redis_url: str, tmp_path: Path) -> None:
+    """`watch --via-broker --source cam --labels-from-dirs` puts one live event per new file on the queue,
+    carrying the source and label the user gave (the broker path used to hard-code "watch")."""
+    import base64
+
+    inbox = tmp_path / "inbox" / "cats"
+    inbox.mkdir(parents=True)
+    env = {**os.environ, "LOOKALIKE_BROKER_URL": redis_url, "LOOKALIKE_DATA_DIR": str(tmp_path / "data")}
+    cli = [sys.executable, "-c", "from search.cli import main; main()"]
+    proc = subprocess.Popen([*cli, "watch", str(tmp_path / "inbox"), "--via-broker", "--source", "cam",
+                             "--labels-from-dirs", "--interval", "0.05"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    client = __import__("redis").Redis.from_url(redis_url)
+    try:
+        assert proc.stderr is not None and b"watching" in proc.stderr.readline()
+        time.sleep(0.5)  # the watcher's first scan records what is already there: the file must come after
+        photo(inbox / "a.jpg", 1)
+        deadline = time.monotonic() + 20
+        while not client.llen(LIVE_QUEUE) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        raw = client.lrange(LIVE_QUEUE, 0, -1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert len(raw) == 1, err.decode()
+    message = json.loads(raw[0])
+    (event,), _, _ = json.loads(base64.b64decode(message["body"]))
+    assert message["headers"]["task"] == INGEST_TASK
+    assert event["uri"] == str(inbox / "a.jpg") and event["source"] == "cam" and event["labels"] == ["cats"]

@@ -1,5 +1,5 @@
 """The Celery app the worker tests run (``celery -A tests.worker_app worker``): the real app and tasks, with
-the pipeline built by a test factory. Production code has no test hooks; these live here:
+the pipeline built by a test factory handed to ``make_app``. Production code has no test hooks; these live here:
 
 * the embedder is ``TinyEmbedder`` (an 8×8 thumbnail), unless ``LOOKALIKE_TEST_REAL_MODEL=1``;
 * ``LOOKALIKE_TEST_TASK_DELAY`` (seconds): every ``Pipeline.ingest`` call sleeps first (a slow task to kill);
@@ -17,40 +17,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from search.errors import ModelError, StoreUnavailable
-from search.schema import CollectionMeta
-from workers import tasks
+from search.errors import StoreUnavailable
+from tests.fakes import TinyEmbedder
 from workers.app import make_app
 
 FLAKY_METHODS = {"retrieve", "upsert", "set_payload", "search", "count", "scroll"}
-
-
-class TinyEmbedder:
-    """A deterministic stand-in for the network: a normalised 8×8 RGB thumbnail (192-d)."""
-
-    name = "tiny"
-    dim = 192
-    preprocessing = "thumb8-v1"
-    supports_text = False
-
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        return np.asarray(image.convert("RGB").resize((8, 8)), dtype=np.float32).ravel()
-
-    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
-        x = np.stack(items) - 127.5
-        return (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-6)).astype(np.float32)
-
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.embed_prepared([self.prepare(i) for i in images])
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        raise ModelError("tiny embeds images only")
-
-    def meta(self) -> CollectionMeta:
-        return CollectionMeta(model=self.name, dim=self.dim, preprocessing=self.preprocessing)
 
 
 class FlakyStore:
@@ -117,8 +88,7 @@ def _factory(settings: Any) -> Any:
     store = FlakyStore(open_store(settings), faults) if faults else None
     embedder = None if os.environ.get("LOOKALIKE_TEST_REAL_MODEL") == "1" else TinyEmbedder()
     pipeline = Pipeline(settings, store=store, embedder=embedder, source="worker")
-    return Recording(pipeline, settings.broker_url)
+    return Recording(pipeline, settings.broker)
 
 
-tasks.pipeline_factory = _factory
-app = make_app()
+app = make_app(pipeline_factory=_factory)

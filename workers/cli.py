@@ -22,6 +22,7 @@ from search.errors import CollectionMismatch, ConfigError, LookalikeError, Model
 if TYPE_CHECKING:
     from ingest.sources import ImageRef
     from search.config import Settings
+    from workers.config import WorkerSettings
 
 log = logging.getLogger("workers.cli")
 DEFAULT_CHUNK = 64
@@ -29,10 +30,10 @@ DEFAULT_CHUNK = 64
 
 # ---------------------------------------------------------------------------------------------- sending
 def _events(refs: Iterable[ImageRef]) -> Iterator[dict[str, Any]]:
-    from workers.events import make_event
+    from workers.events import event_for
 
     for ref in refs:
-        yield make_event(ref.uri, ref.labels, source=ref.source, sent_at=time.time())
+        yield event_for(ref, sent_at=time.time())
 
 
 def enqueue_refs(refs: Iterable[ImageRef], settings: Settings, queue: str = "backfill",
@@ -75,10 +76,16 @@ def _is_connection_error(err: BaseException) -> bool:
 
 
 def _unreachable(settings: Settings, err: BaseException) -> str:
-    from workers.app import broker_url, mask_url
+    from workers.config import as_worker_settings, mask_url
 
-    return (f"cannot reach the broker at {mask_url(broker_url(settings))} ({type(err).__name__}); start Redis "
-            f"or set LOOKALIKE_BROKER_URL")
+    return (f"cannot reach the broker at {mask_url(as_worker_settings(settings).broker)} ({type(err).__name__}); "
+            "start Redis or set LOOKALIKE_BROKER_URL")
+
+
+def _settings(app: AppContext, **more: Any) -> WorkerSettings:
+    from workers.config import WorkerSettings
+
+    return app.settings(WorkerSettings, **more)
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -108,22 +115,17 @@ def worker(app: AppContext, queues: str, concurrency: int | None, pool: str, log
       `docker compose up --scale worker=N`.
     Events may only name files under LOOKALIKE_ALLOWED_ROOTS (required).
     """
-    from dataclasses import replace
-
-    from workers.app import WorkerConfig, make_app, preflight
+    from workers.app import make_app, preflight
     from workers.events import resolve_queue
 
-    settings = app.settings()
-    config = WorkerConfig.from_env()
-    if allow_any_path:
-        config = replace(config, allow_any_path=True)
+    settings = _settings(app, allow_any_path=allow_any_path or None)
     if concurrency is None:
         concurrency = 1 if settings.embedded else (os.cpu_count() or 1)
     if pool == "solo":
         concurrency = 1
-    preflight(settings, config, pool=pool, concurrency=concurrency)
+    preflight(settings, pool=pool, concurrency=concurrency)
     names = [resolve_queue(q.strip()) for q in queues.split(",") if q.strip()]
-    celery_app = make_app(settings, config)
+    celery_app = make_app(settings)
     argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", pool, "-l", loglevel,
             "--without-gossip", "--without-mingle"]
     if hostname:
@@ -146,7 +148,7 @@ def enqueue(app: AppContext, paths: tuple[str, ...], queue: str, labels_from_dir
     """Send ingestion events for images (files, folders, manifests) to the workers."""
     from ingest.sources import iter_refs
 
-    settings = app.settings()
+    settings = _settings(app)
     refs = list(iter_refs(paths, labels_from_dirs=labels_from_dirs, source=source,
                           on_error=lambda where, why: click.echo(f"skipping {where}: {why}", err=True)))
     tasks = enqueue_refs(refs, settings, queue=queue, chunk_size=chunk_size)
@@ -179,16 +181,16 @@ def watch(app: AppContext, dirs: tuple[Path, ...], interval: float, existing: bo
     """
     from workers.watch import Watcher
 
-    settings = app.settings()
+    settings = _settings(app)
     if in_process is None:
         in_process = not settings.broker_url
     roots = tuple(d.resolve() for d in dirs)
     if in_process:
         if not settings.allowed_roots:
-            settings = app.settings(allowed_roots=roots)  # explicit: the watched folders, nothing else
+            settings = _settings(app, allowed_roots=roots)  # explicit: the watched folders, nothing else
         sink = _InProcessSink(settings, source)
     else:
-        sink = _BrokerSink(settings, queue)
+        sink = _BrokerSink(settings, queue, source)
     click.echo(f"watching {', '.join(map(str, roots))} "
                f"({'ingesting in-process' if in_process else 'sending events to ' + queue}); Ctrl-C stops", err=True)
     watcher = Watcher(roots, interval=interval, existing=existing)
@@ -230,14 +232,17 @@ class _InProcessSink:
 
 
 class _BrokerSink:
-    def __init__(self, settings: Settings, queue: str) -> None:
+    """Sends handed-over files to the workers as events (``watch --via-broker``)."""
+
+    def __init__(self, settings: Settings, queue: str, source: str) -> None:
         from workers.app import make_app
 
-        self.settings, self.queue = settings, queue
+        self.settings, self.queue, self.source = settings, queue, source
         self.app = make_app(settings)  # one app (and connection pool) for the whole watch
 
     def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
-        enqueue_refs(_refs_for(paths, labels_from_dirs, "watch"), self.settings, queue=self.queue, app=self.app)
+        refs = _refs_for(paths, labels_from_dirs, self.source)
+        enqueue_refs(refs, self.settings, queue=self.queue, app=self.app)
         for p in paths:
             click.echo(f"queued {p}", err=True)
 
@@ -246,11 +251,10 @@ class _BrokerSink:
 
 
 # ---------------------------------------------------------------------------------------------- dead letters
-def _dead(settings: Settings) -> Any:
-    from workers.app import broker_url
+def _dead(settings: WorkerSettings) -> Any:
     from workers.deadletters import DeadLetters
 
-    return DeadLetters.from_url(broker_url(settings))
+    return DeadLetters.from_url(settings.broker)
 
 
 @click.group("dead-letters")
@@ -265,7 +269,7 @@ def dead_letters() -> None:
 @handle_errors
 def dl_list(app: AppContext, limit: int, as_json: bool) -> None:
     """Oldest first."""
-    settings = app.settings()
+    settings = _settings(app)
     try:
         store = _dead(settings)
         entries, total = store.list(limit=limit), store.count()
@@ -287,7 +291,7 @@ def dl_list(app: AppContext, limit: int, as_json: bool) -> None:
 @pass_app
 @handle_errors
 def dl_show(app: AppContext, entry_id: str) -> None:
-    entry = _dead(app.settings()).get(entry_id)
+    entry = _dead(_settings(app)).get(entry_id)
     if entry is None:
         raise ConfigError(f"no dead letter {entry_id!r} (see `lookalike dead-letters list`)")
     echo_json(entry.to_dict())
@@ -305,7 +309,7 @@ def dl_replay(app: AppContext, ids: tuple[str, ...], replay_all: bool) -> None:
 
     if not ids and not replay_all:
         raise click.UsageError("name entry ids, or pass --all")
-    settings = app.settings()
+    settings = _settings(app)
     celery_app = make_app(settings)
 
     def send(event: dict[str, Any], queue: str | None) -> None:
@@ -329,18 +333,19 @@ def dl_purge(app: AppContext, ids: tuple[str, ...], purge_all: bool, yes: bool) 
         raise click.UsageError("name entry ids, or pass --all")
     if purge_all and not yes:
         click.confirm("delete every dead letter?", abort=True)
-    removed = _dead(app.settings()).purge(None if purge_all else ids)
+    removed = _dead(_settings(app)).purge(None if purge_all else ids)
     click.echo(f"purged {removed} dead letters")
 
 
 # ---------------------------------------------------------------------------------------------- status
-def collect_status(settings: Settings, *, ping_timeout: float = 1.0) -> dict[str, Any]:
+def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> dict[str, Any]:
     """Queue depths, workers answering a ping, dead letters and points in the store."""
-    from workers.app import broker_url, make_app, mask_url
+    from workers.app import make_app
+    from workers.config import mask_url
     from workers.deadletters import DeadLetters
     from workers.events import BACKFILL_QUEUE, LIVE_QUEUE
 
-    url = broker_url(settings)
+    url = settings.broker
     out: dict[str, Any] = {"broker": mask_url(url), "store": mask_url(settings.qdrant_url) or
                            f"embedded ({settings.data_dir})", "collection": settings.collection_name}
     try:
@@ -382,7 +387,7 @@ def status(app: AppContext, as_json: bool) -> None:
     """Queue depths, workers seen, dead letters and points in the store.
 
     Exits with status 1 (after printing) when the broker cannot be reached or the store reports an error."""
-    data = collect_status(app.settings())
+    data = collect_status(_settings(app))
     failed = "broker_error" in data or "store_error" in data
     if as_json:
         echo_json(data)

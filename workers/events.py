@@ -81,9 +81,13 @@ class Event:
         return out
 
     def to_ref(self) -> ImageRef:
+        """The event's part that describes the image: every ``ImageRef`` field is an event field of the same
+        name, so a new field reaches the pipeline (and the payload) through this one path."""
+        from dataclasses import fields
+
         from ingest.sources import ImageRef
 
-        return ImageRef(uri=self.uri, labels=self.labels, source=self.source)
+        return ImageRef(**{f.name: getattr(self, f.name) for f in fields(ImageRef)})
 
 
 def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT_CHARS) -> str | None:
@@ -178,6 +182,13 @@ def make_event(uri: str, labels: tuple[str, ...] | list[str] = (), *, source: st
     """A valid version-1 event dict (validated here, so a producer bug fails at the producer)."""
     event = Event(uri=uri, labels=tuple(labels), source=source, event_id=event_id, sent_at=sent_at).to_dict()
     return parse_event(event).to_dict()
+
+
+def event_for(ref: ImageRef, *, event_id: str | None = None, sent_at: float | None = None) -> dict[str, Any]:
+    """The event that asks a worker to ingest ``ref`` (the inverse of ``Event.to_ref``)."""
+    from dataclasses import asdict
+
+    return make_event(**asdict(ref), event_id=event_id, sent_at=sent_at)
 
 
 def resolve_queue(name: str) -> str:

@@ -18,8 +18,8 @@ worker process killed mid-task                         sent again (``retry_on_wo
 soft/hard time limit, unexpected error                 dead letter
 =====================================================  ==================================================
 
-The pipeline is built once per worker process, lazily (``get_pipeline``); ``pipeline_factory`` is the one
-seam tests replace (a tiny embedder, a store that fails on purpose).
+Both kinds of retry follow one ``workers.config.RetryPolicy``. The pipeline is built once per worker
+process, lazily (``workers.runtime.get_pipeline``), by the factory given to ``make_app``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from search.errors import StoreLocked, StoreUnavailable
@@ -43,14 +43,13 @@ from workers.events import (
     parse_batch,
     parse_event,
 )
+from workers.runtime import dead_letters, get_pipeline, redis_client, serial
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ingest.pipeline import Outcome, Pipeline
-    from search.config import Settings
-    from workers.app import WorkerConfig
-    from workers.deadletters import DeadLetters
+    from ingest.pipeline import Outcome
+    from workers.config import RetryPolicy
 
 log = logging.getLogger("workers.tasks")
 
@@ -68,114 +67,7 @@ def _transient() -> tuple[type[BaseException], ...]:
             kombu.exceptions.OperationalError, ConnectionError, TimeoutError)
 
 
-# ---------------------------------------------------------------------------------------------- per process
-def default_pipeline(settings: Settings) -> Pipeline:
-    from ingest.pipeline import Pipeline
-
-    # Workers sharing a Qdrant server must not interleave read-merge-write of one point's uris/labels
-    # (nor embed the same new bytes twice and overwrite each other's uris): lock the point ids in Redis.
-    from workers.app import broker_url
-
-    lock = None if settings.embedded else RedisContentLock(_redis_for(broker_url(settings)))
-    return Pipeline(settings, source="worker", content_lock=lock)
-
-
-class RedisContentLock:
-    """``with lock(point_ids):`` — one Redis lock per point id, taken in sorted order (no deadlock between
-    workers), each expiring on its own so a killed worker cannot block a point for longer than ``ttl``."""
-
-    def __init__(self, client: Any, *, ttl: float = 120.0, wait: float = 60.0) -> None:
-        self.client, self.ttl, self.wait = client, ttl, wait
-
-    @contextlib.contextmanager
-    def __call__(self, ids: Sequence[str]) -> Iterator[None]:
-        import redis.exceptions
-
-        held = []
-        try:
-            for pid in sorted(set(ids)):
-                lock = self.client.lock(f"lookalike:lock:{pid}", timeout=self.ttl, blocking_timeout=self.wait)
-                if not lock.acquire():
-                    raise StoreUnavailable(f"point {pid} stayed locked by another worker for {self.wait:.0f} s")
-                held.append(lock)
-            yield
-        finally:
-            for lock in reversed(held):
-                with contextlib.suppress(redis.exceptions.LockError):  # expired meanwhile: nothing to release
-                    lock.release()
-
-
-pipeline_factory: Callable[[Settings], Pipeline] = default_pipeline
-
-_lock = threading.Lock()
-_pipeline: Pipeline | None = None
-_pipeline_pid: int | None = None
-_dead: dict[tuple[int, str], DeadLetters] = {}
-_redis: dict[tuple[int, str], Any] = {}
-
-
-_ingest_lock = threading.Lock()
-
-
-def _serial() -> Any:
-    """With ``--pool threads`` the tasks of one process share one pipeline and store: take turns (the
-    model already uses every core it is given; parallel calls would only contend)."""
-    from workers.app import RUNTIME
-
-    return _ingest_lock if RUNTIME.pool == "threads" else contextlib.nullcontext()
-
-
-def get_pipeline(app: Any) -> Pipeline:
-    """This process's pipeline (the model loads once per process; a forked child builds its own)."""
-    global _pipeline, _pipeline_pid
-    with _lock:
-        if _pipeline is None or _pipeline_pid != os.getpid():
-            from workers.app import worker_settings
-
-            _pipeline, _pipeline_pid = pipeline_factory(worker_settings(app)), os.getpid()
-        return _pipeline
-
-
-def warm(app: Any) -> None:
-    """Load the model, open the store, run one tiny inference: the first event then pays none of it."""
-    from PIL import Image
-
-    pipeline = get_pipeline(app)
-    t0 = time.perf_counter()
-    embedder = pipeline.embedder  # loads the model and checks the collection
-    embedder.embed_images([Image.new("RGB", (64, 64), (127, 127, 127))])
-    log.info("pipeline ready in %.1f s (model %s, pid %d)", time.perf_counter() - t0, embedder.name, os.getpid())
-
-
-def _broker(app: Any) -> str:
-    from workers.app import app_settings, broker_url
-
-    return broker_url(app_settings(app))
-
-
-def dead_letters(app: Any) -> DeadLetters:
-    from workers.deadletters import DeadLetters
-
-    key = (os.getpid(), _broker(app))
-    if key not in _dead:
-        _dead[key] = DeadLetters.from_url(key[1])
-    return _dead[key]
-
-
-def _redis_for(url: str) -> Any:
-    """One client per process and broker URL; socket timeouts make a hung Redis fail a task, not hang it."""
-    import redis
-
-    key = (os.getpid(), url)
-    if key not in _redis:
-        _redis[key] = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    return _redis[key]
-
-
-def redis_client(app: Any) -> Any:
-    return _redis_for(_broker(app))
-
-
+# ---------------------------------------------------------------------------------------------- queues
 def _consumes_live(app: Any) -> bool:
     consume_from = getattr(app.amqp.queues, "consume_from", None)
     return not consume_from or LIVE_QUEUE in consume_from
@@ -222,91 +114,99 @@ def _summary(event: Event, outcome: Outcome, received: float) -> dict[str, Any]:
             "received_at": received, "done_at": time.time(), "pid": os.getpid()}
 
 
-class _Timeout(Exception):
-    def __init__(self, start: int) -> None:
-        self.start = start
+@dataclass
+class BatchRun:
+    """One task's events on their way through the pipeline: what became of each, and what to retry.
 
+    ``run`` ingests the parsed events in sub-batches; a backfill chunk (``may_yield``) checks between
+    them whether uploads are waiting and, if so, hands the rest back to its queue and stops."""
 
-def _run_parts(task: Any, pipeline: Any, parsed: list[tuple[int, Event]], received: float, may_yield: bool,
-               batch: bool, counts: dict[str, int], results: list[dict[str, Any]],
-               transient: list[tuple[int, Event, str]]) -> int:
-    """Ingest ``parsed`` in sub-batches (a backfill chunk yields to waiting uploads between them)."""
-    from celery.exceptions import SoftTimeLimitExceeded
+    task: Any
+    batch: bool
+    received: float = field(default_factory=time.time)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("indexed", "present", "updated", "failed", "handed_back"), 0))
+    results: list[dict[str, Any]] = field(default_factory=list)  # per event (uploads only)
+    transient: list[tuple[int, Event, str]] = field(default_factory=list)  # (index, event, reason)
+    done: int = 0  # events handled so far (the rest are handed back or timed out)
 
-    start = 0
-    try:
-        while start < len(parsed):
-            if may_yield and start > 0 and uploads_waiting(task.app):
-                rest = [ev.to_dict() for _, ev in parsed[start:]]
-                task.app.send_task(INGEST_BATCH_TASK, args=[rest], queue=_queue_of(task) or BACKFILL_QUEUE)
-                counts["handed_back"] = len(rest)
-                log.info("uploads waiting: handed %d backfill events back to the queue", len(rest))
-                break
-            part = parsed[start:start + (YIELD_EVERY if may_yield else len(parsed))]
+    def dead_letter(self, event: Any, reason: str, index: int) -> None:
+        self.counts["failed"] += 1
+        _dead_letter(self.task, event, reason, index)
+
+    def run(self, pipeline: Any, parsed: list[tuple[int, Event]], may_yield: bool) -> None:
+        while self.done < len(parsed):
+            if may_yield and self.done > 0 and uploads_waiting(self.task.app):
+                self._hand_back(parsed[self.done:])
+                return
+            part = parsed[self.done:self.done + (YIELD_EVERY if may_yield else len(parsed))]
             _ = pipeline.embedder  # model loaded and collection ensured (a no-op after the first time)
             outcomes = pipeline.ingest([ev.to_ref() for _, ev in part])
             for (i, ev), outcome in zip(part, outcomes, strict=True):
-                _log_outcome(ev, outcome, (received - ev.sent_at) if ev.sent_at else None)
-                if outcome.status != "failed":
-                    counts[outcome.status] += 1
-                elif outcome.permanent:
-                    counts["failed"] += 1
-                    _dead_letter(task, ev.to_dict(), outcome.reason or "failed", i)
-                else:
-                    transient.append((i, ev, outcome.reason or "failed"))
-                if not batch:
-                    results.append(_summary(ev, outcome, received))
-            start += len(part)
-    except SoftTimeLimitExceeded:
-        raise _Timeout(start) from None
-    return start
+                self._record(i, ev, outcome)
+            self.done += len(part)
+
+    def _record(self, index: int, event: Event, outcome: Outcome) -> None:
+        _log_outcome(event, outcome, (self.received - event.sent_at) if event.sent_at else None)
+        if outcome.status != "failed":
+            self.counts[outcome.status] += 1
+        elif outcome.permanent:
+            self.dead_letter(event.to_dict(), outcome.reason or "failed", index)
+        else:
+            self.transient.append((index, event, outcome.reason or "failed"))
+        if not self.batch:
+            self.results.append(_summary(event, outcome, self.received))
+
+    def _hand_back(self, rest: list[tuple[int, Event]]) -> None:
+        events = [ev.to_dict() for _, ev in rest]
+        self.task.app.send_task(INGEST_BATCH_TASK, args=[events], queue=_queue_of(self.task) or BACKFILL_QUEUE)
+        self.counts["handed_back"] = len(events)
+        log.info("uploads waiting: handed %d backfill events back to the queue", len(events))
+
+    def retry_transient(self, policy: RetryPolicy) -> None:
+        """Retry the transient failures as one task (raises ``Retry``), or dead-letter them once the
+        policy is exhausted."""
+        if not self.transient:
+            return
+        retries = self.task.request.retries or 0
+        if policy.exhausted(retries):
+            for i, ev, reason in self.transient:
+                self.dead_letter(ev.to_dict(), f"{reason} (gave up after {retries + 1} attempts)", i)
+            return
+        events = [ev.to_dict() for _, ev, _ in self.transient]
+        countdown = policy.countdown(retries)
+        log.warning("retrying %d event(s) in %d s: %s", len(events), countdown, self.transient[0][2])
+        raise self.task.retry(args=[events] if self.batch else [events[0]], countdown=countdown)
 
 
 def handle(task: Any, raw_events: Sequence[Any], *, batch: bool) -> dict[str, Any]:
     """Ingest ``raw_events`` for ``task``; return a summary (stored only when a result backend is set)."""
-    received = time.time()
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    run = BatchRun(task, batch)
     parsed: list[tuple[int, Event]] = []
-    counts = {"indexed": 0, "present": 0, "updated": 0, "failed": 0, "handed_back": 0}
     for i, raw in enumerate(raw_events):
         try:
             parsed.append((i, parse_event(raw)))
         except InvalidEvent as err:
-            counts["failed"] += 1
-            _dead_letter(task, raw, err.reason, i)
-    results: list[dict[str, Any]] = []
-    transient: list[tuple[int, Event, str]] = []
+            run.dead_letter(raw, err.reason, i)
     pipeline = get_pipeline(task.app) if parsed else None
     may_yield = batch and _queue_of(task) != LIVE_QUEUE
-    start = 0
     # A chunk is written without a per-call fsync and flushed once when the block ends — before the ack,
     # so a crash before the flush means a redelivery, not a loss. An upload flushes on its own write.
-    bulk = getattr(pipeline.store, "bulk", None) if (batch and pipeline is not None) else None
+    bulk = pipeline.store.bulk if (batch and pipeline is not None) else contextlib.nullcontext
     try:
-        with _serial(), bulk() if bulk is not None else contextlib.nullcontext():
-            start = _run_parts(task, pipeline, parsed, received, may_yield, batch, counts, results, transient)
-    except _Timeout as timeout:
-        start = timeout.start
+        with serial(), bulk():
+            run.run(pipeline, parsed, may_yield)
+    except SoftTimeLimitExceeded:
         limit = task.soft_time_limit or task.app.conf.task_soft_time_limit
-        for i, ev in parsed[start:]:
-            counts["failed"] += 1
-            _dead_letter(task, ev.to_dict(), f"took longer than the task time limit ({limit:g} s)", i)
-        return {"counts": counts, "timed_out": True}
-    if transient:
-        if task.request.retries >= task.max_retries:
-            for i, ev, reason in transient:
-                counts["failed"] += 1
-                _dead_letter(task, ev.to_dict(), f"{reason} (gave up after {task.request.retries + 1} attempts)", i)
-        else:
-            from celery.utils.time import get_exponential_backoff_interval
-
-            events = [ev.to_dict() for _, ev, _ in transient]
-            countdown = get_exponential_backoff_interval(int(max(1.0, task.retry_backoff)), task.request.retries,
-                                                         task.retry_backoff_max, True)
-            log.warning("retrying %d event(s) in %d s: %s", len(events), countdown, transient[0][2])
-            raise task.retry(args=[events] if batch else [events[0]], countdown=countdown)
+        for i, ev in parsed[run.done:]:
+            run.dead_letter(ev.to_dict(), f"took longer than the task time limit ({limit:g} s)", i)
+        return {"counts": run.counts, "timed_out": True}
+    run.retry_transient(task.lookalike_retry)
     if not batch:
-        return results[0] if results else {"counts": counts}
-    return {"counts": counts, "done_at": time.time()}
+        return run.results[0] if run.results else {"counts": run.counts}
+    return {"counts": run.counts, "done_at": time.time()}
 
 
 def _task_base() -> type:
@@ -329,16 +229,15 @@ def _task_base() -> type:
     return IngestTask
 
 
-def register(app: Celery, config: WorkerConfig) -> None:
-    """Define the tasks on ``app`` with the retry policy of ``config``."""
+def register(app: Celery, policy: RetryPolicy) -> None:
+    """Define the tasks on ``app``; exceptions and transient outcomes both retry by ``policy``."""
     options: dict[str, Any] = {
         "base": _task_base(),
         "bind": True,
+        "shared": False,  # each app gets its own tasks: a shared one would keep the first app's retry policy
         "autoretry_for": _transient(),
-        "retry_backoff": config.retry_backoff,
-        "retry_backoff_max": int(config.retry_backoff_max),
-        "retry_jitter": True,
-        "max_retries": config.max_retries,
+        **policy.celery_options(),
+        "lookalike_retry": policy,
         "default_retry_delay": 1,  # after a killed child (retry_on_worker_lost)
         "acks_late": True,
         "reject_on_worker_lost": True,
@@ -418,5 +317,4 @@ def on_task_unknown(sender: Any = None, message: Any = None, name: str | None = 
         log.error("cannot dead-letter a message for unknown task %r: %s", name, err)
 
 
-__all__ = ["YIELD_EVERY", "dead_letters", "default_pipeline", "get_pipeline", "handle", "on_task_failure",
-           "on_task_unknown", "pipeline_factory", "register", "uploads_waiting", "warm"]
+__all__ = ["YIELD_EVERY", "BatchRun", "handle", "on_task_failure", "on_task_unknown", "register", "uploads_waiting"]

@@ -1,0 +1,118 @@
+"""What a worker needs beyond the core settings: the broker, the task limits and the retry policy.
+
+``WorkerSettings`` extends ``search.config.Settings`` (same parsing rules, same ``LOOKALIKE_`` prefix), so a
+worker's settings go wherever the core's do. Its own variables:
+
+``LOOKALIKE_BROKER_URL`` (unset: ``redis://127.0.0.1:6379/0``), ``LOOKALIKE_TASK_SOFT_TIME_LIMIT`` (120 s),
+``LOOKALIKE_TASK_TIME_LIMIT`` (180 s), ``LOOKALIKE_VISIBILITY_TIMEOUT`` (600 s), ``LOOKALIKE_MAX_RETRIES`` (8),
+``LOOKALIKE_RETRY_BACKOFF`` (1 s, doubled per attempt), ``LOOKALIKE_RETRY_BACKOFF_MAX`` (60 s),
+``LOOKALIKE_RESULT_BACKEND`` (unset: results are not stored — the state lives in Qdrant),
+``LOOKALIKE_ALLOW_ANY_PATH`` (1: run a worker without ``LOOKALIKE_ALLOWED_ROOTS``; off by default).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import NonNegativeFloat, NonNegativeInt
+
+from search.config import Settings, load
+from search.errors import ConfigError
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class WorkerSettings(Settings):
+    """Core settings + broker, task limits and retry policy (seconds)."""
+
+    broker_url: str | None = None  # unset: local Redis for workers, in-process ingestion for watch
+    task_soft_time_limit: NonNegativeFloat = 120.0
+    task_time_limit: NonNegativeFloat = 180.0
+    visibility_timeout: NonNegativeFloat = 600.0
+    max_retries: NonNegativeInt = 8
+    retry_backoff: NonNegativeFloat = 1.0
+    retry_backoff_max: NonNegativeFloat = 60.0
+    result_backend: str | None = None
+    allow_any_path: bool = False
+
+    @property
+    def broker(self) -> str:
+        """The broker URL workers and producers connect to."""
+        return self.broker_url or DEFAULT_BROKER_URL
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.max_retries, self.retry_backoff, self.retry_backoff_max)
+
+    def check(self) -> None:
+        """Refuse limits that would break the delivery guarantees (see ``workers.app``)."""
+        if not 0 < self.task_soft_time_limit < self.task_time_limit:
+            raise ConfigError(f"LOOKALIKE_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit:g} s) must be positive "
+                              f"and below LOOKALIKE_TASK_TIME_LIMIT ({self.task_time_limit:g} s)")
+        needed = self.task_time_limit + self.retry_backoff_max
+        if self.visibility_timeout <= needed:
+            raise ConfigError(
+                f"LOOKALIKE_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must exceed the task hard time limit "
+                f"plus the longest retry delay ({self.task_time_limit:g} + {self.retry_backoff_max:g} s), or Redis "
+                f"redelivers messages that are still being worked on; raise it or lower LOOKALIKE_TASK_TIME_LIMIT")
+
+
+def worker_settings(**overrides: Any) -> WorkerSettings:
+    """WorkerSettings from ``LOOKALIKE_*`` variables, then ``overrides``."""
+    return load(WorkerSettings, **overrides)
+
+
+def as_worker_settings(settings: Settings) -> WorkerSettings:
+    """``settings`` as WorkerSettings: the worker-only fields come from the environment."""
+    if isinstance(settings, WorkerSettings):
+        return settings
+    return load(WorkerSettings, **settings.model_dump(exclude_unset=True))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """One retry policy for both ways a task retries: an exception Celery retries on its own
+    (``autoretry_for``, see ``celery_options``) and events the pipeline reported as transient failures
+    (the task calls ``retry`` with ``countdown``). Both back off exponentially with full jitter, capped at
+    ``backoff_max`` seconds, at most ``max_retries`` times; then the events are dead-lettered."""
+
+    max_retries: int = 8
+    backoff: float = 1.0
+    backoff_max: float = 60.0
+
+    def celery_options(self) -> dict[str, Any]:
+        return {"retry_backoff": self.backoff, "retry_backoff_max": int(self.backoff_max), "retry_jitter": True,
+                "max_retries": self.max_retries}
+
+    def exhausted(self, retries: int) -> bool:
+        return retries >= self.max_retries
+
+    def countdown(self, retries: int) -> int:
+        """Seconds before attempt ``retries + 1`` (Celery's own formula: random in [0, min(max, b·2^n)])."""
+        ceiling = min(self.backoff_max, max(1.0, self.backoff) * (2 ** retries))
+        return int(random.randrange(int(ceiling) + 1))
+
+
+def mask_url(url: str | None) -> str:
+    """``redis://:secret@host:6379/0`` → ``redis://:****@host:6379/0`` (for logs and status output)."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:****@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+__all__ = ["DEFAULT_BROKER_URL", "RetryPolicy", "WorkerSettings", "as_worker_settings", "mask_url",
+           "worker_settings"]
