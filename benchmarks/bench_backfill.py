@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from search.images import decode
 from ingest.pipeline import Pipeline
 from ingest.sources import iter_refs
 from search.config import get_settings
+from search.images import decode
 from search.models import get_embedder
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search import evaluate as ev
+from ingest.lab import metrics as ev
+from ingest.lab.datasets import stratified_split
 
 # embedders are cached per process; each test starts without any (fixture in conftest.py)
 pytestmark = pytest.mark.usefixtures("_fresh_embedders")
@@ -119,20 +120,20 @@ def test_recall_at_k():
 def test_stratified_split_is_stratified_deterministic_and_stable():
     labels = ["a"] * 9 + ["b"] * 3 + ["c"] * 1
     keys = [f"{lab}/{i}.jpg" for i, lab in enumerate(labels)]
-    train, held = ev.stratified_split(labels, keys, 1 / 3, seed=0)
+    train, held = stratified_split(labels, keys, 1 / 3, seed=0)
     assert sorted(train.tolist() + held.tolist()) == list(range(13))
     held_labels = [labels[i] for i in held]
     assert held_labels.count("a") == 3 and held_labels.count("b") == 1 and held_labels.count("c") == 0
-    again = ev.stratified_split(labels, keys, 1 / 3, seed=0)
+    again = stratified_split(labels, keys, 1 / 3, seed=0)
     assert np.array_equal(again[1], held)
-    other = ev.stratified_split(labels, keys, 1 / 3, seed=1)
+    other = stratified_split(labels, keys, 1 / 3, seed=1)
     assert not np.array_equal(other[1], held)
     # adding a file to class a does not move the others between sides... beyond that class's quota
     labels2, keys2 = [*labels, "b"], [*keys, "b/new.jpg"]
-    _, held2 = ev.stratified_split(labels2, keys2, 1 / 3, seed=0)
+    _, held2 = stratified_split(labels2, keys2, 1 / 3, seed=0)
     assert {keys2[i] for i in held2 if labels2[i] == "a"} == {keys[i] for i in held if labels[i] == "a"}
     with pytest.raises(ValueError):
-        ev.stratified_split(labels, keys, 1.5)
+        stratified_split(labels, keys, 1.5)
 
 
 def test_encode_labels():
@@ -242,8 +243,8 @@ def test_evaluate_cli_on_a_folder_without_classes_says_so(tmp_path, tiny_clip):
 
 
 def test_combined_model_vectors_come_from_the_parts_caches(tmp_path, tiny_clip):
-    from ingest.embedcache import EmbeddingCache, embed_refs
-    from ingest.experiments import image_folder_refs
+    from ingest.lab.datasets import image_folder_refs
+    from ingest.lab.embedcache import EmbeddingCache, embed_refs
     from search.config import get_settings
     from search.models import get_embedder
     from tests.clip_fixture import build_tiny_clip

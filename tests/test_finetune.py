@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from ingest.finetune import HeadConfig, apply_layers, fit_pca, train_head
-from search.evaluate import knn_topk_hits, l2_normalize, nearest, pca_apply, pca_fit, stratified_split
+from ingest.lab.datasets import stratified_split
+from ingest.lab.finetune import HeadConfig, apply_layers, fit_pca, train_head
+from ingest.lab.metrics import knn_topk_hits, l2_normalize, nearest, pca_apply, pca_fit
 from tests.test_evaluate import _run, make_tree
 
 # embedders are cached per process; each test starts without any (fixture in conftest.py)

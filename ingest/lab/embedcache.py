@@ -1,4 +1,4 @@
-"""An embedding cache for experiments (evaluate, finetune), so a re-run over the same files costs no inference.
+"""The lab's embedding cache (evaluate, finetune), so a re-run over the same files costs no inference.
 
 One SQLite file per model *version* under ``settings.data_dir/"cache"/"embeddings"``: the file name carries a
 hash of the model name, its preprocessing string, dimension and JPEG draft size. For a model saved as a
@@ -8,7 +8,9 @@ second table maps (path, size, mtime) to that hash so an unchanged file is not e
 fail to decode are remembered the same way (their one-line reason is printed again, nothing is re-decoded).
 
 Decoding is the ingestion path's own: ``search.reading.read_bytes`` + ``search.images.decode`` +
-``embedder.prepare`` in a thread pool, overlapped with ``embedder.embed_prepared``.
+``embedder.prepare`` in a thread pool, overlapped with ``embedder.embed_prepared``. Composite models reuse
+their components' caches: a combination (``search.models.ConcatEmbedder``, ``a+b``) joins its parts' cached
+vectors, and a saved head (``search.models.HeadEmbedder``) is applied to its base's cached vectors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from search.config import Settings
 from search.errors import ImageError
+from search.models import ConcatEmbedder, HeadEmbedder
 from search.schema import sha256_hex
 
 if TYPE_CHECKING:
@@ -119,6 +122,17 @@ class EmbeddingCache:
         with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", list(rows))
 
+    def prefill(self, uris: Sequence[str], shas: Sequence[str], vectors: np.ndarray) -> None:
+        """Store vectors computed elsewhere (e.g. a new head applied to cached base vectors) for these files."""
+        self.put_vectors(zip(shas, vectors, strict=True))
+        self.put_files([(*st, sha, None) for uri, sha in zip(uris, shas, strict=True)
+                        if (st := _stat(uri)) is not None])
+
+
+def open_cache(embedder: Embedder, settings: Settings, enabled: bool) -> EmbeddingCache | None:
+    """The embedder's cache, or None when caching is off (``--no-cache``)."""
+    return EmbeddingCache.for_embedder(embedder, settings) if enabled else None
+
 
 @dataclass
 class Embedded:
@@ -150,92 +164,122 @@ def embed_refs(refs: Iterable[ImageRef], embedder: Embedder, settings: Settings,
                progress: bool = False, warn: Callable[[str], None] = _say) -> Embedded:
     """Embed every readable image of ``refs`` (cached vectors first); bad files are skipped with one line
     ``skipping <uri>: <reason>`` through ``warn``."""
+    start = time.perf_counter()
+    refs = list(refs)
+    if cache is not None and isinstance(embedder, ConcatEmbedder):
+        return _embed_concatenation(refs, embedder.parts, settings, progress=progress, warn=warn, start=start)
+    if cache is not None and isinstance(embedder, HeadEmbedder):
+        return _embed_head(refs, embedder, settings, progress=progress, warn=warn)
+    return _embed_files(refs, embedder, settings, cache=cache, progress=progress, warn=warn, start=start)
+
+
+def _embed_head(refs: list[ImageRef], embedder: HeadEmbedder, settings: Settings, *, progress: bool,
+                warn: Callable[[str], None]) -> Embedded:
+    """A saved head on a base: the base's vectors (from the base's own cache) through the head."""
+    base_cache = EmbeddingCache.for_embedder(embedder.base, settings)
+    try:
+        out = embed_refs(refs, embedder.base, settings, cache=base_cache, progress=progress, warn=warn)
+    finally:
+        base_cache.close()
+    out.vectors = embedder.apply_head(out.vectors)
+    return out
+
+
+@dataclass
+class _Progress:
+    """Per-ref state of one ``_embed_files`` call: hashes, failures and the vectors known or computed."""
+
+    shas: list[str | None]
+    failures: dict[int, str]
+    have: dict[str, np.ndarray]  # from the cache
+    computed: dict[str, np.ndarray] = field(default_factory=dict)  # by this call
+    new_files: list[tuple[str, int, int, str | None, str | None]] = field(default_factory=list)
+
+
+def _embed_files(refs: list[ImageRef], embedder: Embedder, settings: Settings, *, cache: EmbeddingCache | None,
+                 progress: bool, warn: Callable[[str], None], start: float) -> Embedded:
+    stats = [_stat(r.uri) for r in refs]
+    state = _known(stats, cache)
+    todo = [i for i in range(len(refs))
+            if i not in state.failures and (state.shas[i] is None or state.shas[i] not in state.have)]
+    if todo:
+        _compute(refs, todo, stats, state, embedder, settings, cache, progress)
+        if cache is not None and state.new_files:
+            # failures are recorded without a hash; successes only once their vector is stored
+            cache.put_files([row for row in state.new_files
+                             if row[4] is not None or row[3] in state.computed or row[3] in state.have])
+
+    failures = state.failures
+    keep = [i for i in range(len(refs)) if i not in failures]
+    for i in sorted(failures):
+        warn(f"skipping {refs[i].uri}: {failures[i]}")
+    vectors_by_sha = {**state.have, **state.computed}
+    vectors = (np.stack([vectors_by_sha[state.shas[i]] for i in keep]).astype(np.float32) if keep
+               else np.zeros((0, int(embedder.dim)), dtype=np.float32))
+    return Embedded(uris=[refs[i].uri for i in keep], labels=[tuple(refs[i].labels) for i in keep],
+                    sha256=[state.shas[i] for i in keep],  # type: ignore[misc]
+                    vectors=vectors, skipped=[(refs[i].uri, failures[i]) for i in sorted(failures)],
+                    computed=len(state.computed), seconds=time.perf_counter() - start)
+
+
+def _known(stats: Sequence[tuple[str, int, int] | None], cache: EmbeddingCache | None) -> _Progress:
+    """What the cache already knows: each unchanged file's hash or failure, and the vectors of those hashes."""
+    state = _Progress(shas=[None] * len(stats), failures={}, have={})
+    if cache is None:
+        return state
+    for i, st in enumerate(stats):
+        if st is not None and (known := cache.file(*st)) is not None:
+            state.shas[i], failure = known
+            if failure:
+                state.failures[i] = failure
+    state.have = cache.vectors([s for s in state.shas if s])
+    return state
+
+
+def _compute(refs: list[ImageRef], todo: list[int], stats: Sequence[tuple[str, int, int] | None], state: _Progress,
+             embedder: Embedder, settings: Settings, cache: EmbeddingCache | None, progress: bool) -> None:
+    """Read, hash, decode and prepare the ``todo`` refs in a thread pool, embedding full batches as they come."""
     from tqdm import tqdm
 
     from search.reading import read_bytes
 
-    start = time.perf_counter()
-    refs = list(refs)
-    parts = getattr(embedder, "parts", None)
-    if parts and cache is not None:
-        return _embed_concatenation(refs, parts, settings, progress=progress, warn=warn, start=start)
-    base, layers = getattr(embedder, "base", None), getattr(embedder, "layers", None)
-    if base is not None and layers and cache is not None:  # a head on a base (ingest.finetune.HeadEmbedder)
-        from ingest.finetune import apply_layers
+    bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+               desc=f"embedding with {embedder.name}")
 
-        base_cache = EmbeddingCache.for_embedder(base, settings)
+    def load(i: int) -> tuple[int, Any]:
+        """Read, hash, decode, prepare one image; (i, prepared | None when the hash is already cached)."""
+        ref = refs[i]
         try:
-            out = embed_refs(refs, base, settings, cache=base_cache, progress=progress, warn=warn)
-        finally:
-            base_cache.close()
-        out.vectors = apply_layers(out.vectors, layers)
-        return out
-    shas: list[str | None] = [None] * len(refs)
-    failures: dict[int, str] = {}
-    stats = [_stat(r.uri) for r in refs]
-    if cache is not None:
-        for i, st in enumerate(stats):
-            if st is not None and (known := cache.file(*st)) is not None:
-                shas[i], failure = known
-                if failure:
-                    failures[i] = failure
-    have = cache.vectors([s for s in shas if s]) if cache is not None else {}
-    todo = [i for i in range(len(refs)) if i not in failures and (shas[i] is None or shas[i] not in have)]
+            data = read_bytes(ref.uri, settings)
+        except ImageError as err:
+            return i, err
+        sha = sha256_hex(data)
+        state.shas[i] = sha
+        if sha in state.have or sha in state.computed:
+            return i, None
+        return i, _prepare(data, ref.uri, embedder, settings)
 
-    new_files: list[tuple[str, int, int, str | None, str | None]] = []
-    computed: dict[str, np.ndarray] = {}
-    if todo:
-        bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
-                   desc=f"embedding with {embedder.name}")
-
-        def load(i: int) -> tuple[int, Any]:
-            """Read, hash, decode, prepare one image; (i, prepared | None when the hash is already cached)."""
-            ref = refs[i]
-            try:
-                data = read_bytes(ref.uri, settings)
-            except ImageError as err:
-                return i, err
-            sha = sha256_hex(data)
-            shas[i] = sha
-            if sha in have or sha in computed:
-                return i, None
-            return i, _prepare(data, ref.uri, embedder, settings)
-
-        threads = max(1, min(4, os.cpu_count() or 2))
-        batch: list[tuple[int, Any]] = []
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-eval-decode") as pool:
-            for i, prepared in pool.map(load, todo):
-                st = stats[i]
-                if isinstance(prepared, ImageError):
-                    failures[i] = prepared.reason
-                    if st is not None:
-                        new_files.append((*st, None, prepared.reason))
-                    bar.update(1)
-                    continue
+    threads = max(1, min(4, os.cpu_count() or 2))
+    batch: list[tuple[int, Any]] = []
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-eval-decode") as pool:
+        for i, prepared in pool.map(load, todo):
+            st = stats[i]
+            if isinstance(prepared, ImageError):
+                state.failures[i] = prepared.reason
                 if st is not None:
-                    new_files.append((*st, shas[i], None))
-                if prepared is None:
-                    bar.update(1)
-                    continue
-                batch.append((i, prepared))
-                if len(batch) >= settings.batch_size:
-                    _flush(batch, embedder, shas, computed, cache, bar)
-            _flush(batch, embedder, shas, computed, cache, bar)
-        bar.close()
-        if cache is not None and new_files:
-            # failures are recorded without a hash; successes only once their vector is stored
-            cache.put_files([row for row in new_files if row[4] is not None or row[3] in computed or row[3] in have])
-
-    keep = [i for i in range(len(refs)) if i not in failures]
-    for i in sorted(failures):
-        warn(f"skipping {refs[i].uri}: {failures[i]}")
-    vectors_by_sha = {**have, **computed}
-    vectors = (np.stack([vectors_by_sha[shas[i]] for i in keep]).astype(np.float32) if keep
-               else np.zeros((0, int(embedder.dim)), dtype=np.float32))
-    return Embedded(uris=[refs[i].uri for i in keep], labels=[tuple(refs[i].labels) for i in keep],
-                    sha256=[shas[i] for i in keep],  # type: ignore[misc]
-                    vectors=vectors, skipped=[(refs[i].uri, failures[i]) for i in sorted(failures)],
-                    computed=len(computed), seconds=time.perf_counter() - start)
+                    state.new_files.append((*st, None, prepared.reason))
+                bar.update(1)
+                continue
+            if st is not None:
+                state.new_files.append((*st, state.shas[i], None))
+            if prepared is None:
+                bar.update(1)
+                continue
+            batch.append((i, prepared))
+            if len(batch) >= settings.batch_size:
+                _flush(batch, embedder, state.shas, state.computed, cache, bar)
+        _flush(batch, embedder, state.shas, state.computed, cache, bar)
+    bar.close()
 
 
 def _embed_concatenation(refs: list[ImageRef], parts: Sequence[Embedder], settings: Settings, *, progress: bool,
@@ -312,4 +356,4 @@ def embed_images(images: Sequence[tuple[str, Image.Image]], embedder: Embedder, 
     return out.astype(np.float32), len(computed)
 
 
-__all__ = ["Embedded", "EmbeddingCache", "cache_key", "embed_images", "embed_refs"]
+__all__ = ["Embedded", "EmbeddingCache", "cache_key", "embed_images", "embed_refs", "open_cache"]

@@ -33,10 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ingest.lab.datasets import Dataset, load_dataset, stratified_split
+from ingest.lab.embedcache import EmbeddingCache, embed_refs, open_cache
+from ingest.lab.metrics import encode_labels, l2_normalize, pca_fit, percent, retrieve
+from ingest.sources import ImageRef
 from search.config import Settings
 from search.errors import ConfigError, ModelError
-from search.evaluate import l2_normalize, pca_fit
-from search.models import INFO_FILE, DenseLayer, HeadEmbedder, get_embedder, load_head, read_model_info
+from search.models import INFO_FILE, DenseLayer, clear_embedders, get_embedder, read_model_info
 
 if TYPE_CHECKING:
     from search.models import Embedder
@@ -53,8 +56,9 @@ class Layer(DenseLayer):
     kind: str
 
 
-def apply_layers(x: np.ndarray, layers: Sequence[Layer]) -> np.ndarray:
-    """What the saved model computes after the base: each Dense, then Normalize."""
+def apply_layers(x: np.ndarray, layers: Sequence[DenseLayer]) -> np.ndarray:
+    """What the saved model computes after the base: each Dense, then Normalize — for layers not yet saved
+    (a loaded ``format: head`` model does the same in ``search.models.HeadEmbedder.apply_head``)."""
     out = np.asarray(x, dtype=np.float32)
     for layer in layers:
         out = out @ layer.weight.T + layer.bias
@@ -264,16 +268,6 @@ def save_model(embedder: Embedder, layers: Sequence[Layer], folder: Path, info: 
     return folder
 
 
-def load_head_model(folder: Path, name: str, settings: Settings) -> HeadEmbedder:
-    """Load a ``format: head`` folder: its base by name, its Dense layers from ``head/`` (search.models does it)."""
-    return load_head(Path(folder), name, settings)
-
-
-def resolve_embedder(name: str, settings: Settings) -> Embedder:
-    """``get_embedder(name)``: every saved model, heads on a combined base included, loads through it."""
-    return get_embedder(name, settings)
-
-
 def read_info(folder: Path) -> dict[str, Any] | None:
     """The ``lookalike.json`` of a saved model folder, or None."""
     return read_model_info(Path(folder))
@@ -286,10 +280,6 @@ def finetune(dataset: Path, *, name: str, base: str, settings: Settings, split: 
     """Fit PCA and/or a head on the training split of ``dataset`` (embedded with ``base``, cached), measure
     before/after on the held-out split, save as ``name``, check the saved model reproduces the vectors and
     pre-fill its embedding cache. Returns a summary (also stored in ``lookalike.json``)."""
-    from ingest.embedcache import EmbeddingCache, _stat
-    from ingest.experiments import load_dataset, open_cache, retrieve
-    from search.evaluate import encode_labels, stratified_split
-
     if not head and not pca_dim:
         raise ConfigError("nothing to train: pass --pca N and/or --head")
     folder = model_dir(settings, name)
@@ -298,33 +288,22 @@ def finetune(dataset: Path, *, name: str, base: str, settings: Settings, split: 
     if name == base:
         raise ConfigError(f"--name {name!r} is the base model's name; choose a new name")
     config.check()
-    embedder = resolve_embedder(base, settings)
+    embedder = get_embedder(base, settings)
     if pca_dim is not None and not 0 < pca_dim < embedder.dim:
         raise ConfigError(f"--pca {pca_dim}: choose a dimension between 1 and {embedder.dim - 1}")
     data = load_dataset(dataset, embedder, settings, open_cache(embedder, settings, True), progress=progress)
     train_rows, held_rows = stratified_split(data.classes, data.keys, split, seed)
     codes, _ = encode_labels(data.classes)
-    n_classes = int(codes.max()) + 1
-    x_train = data.vectors[train_rows]
 
     t0 = time.perf_counter()
-    layers: list[Layer] = []
-    if pca_dim:
-        layers.append(fit_pca(x_train, pca_dim))
     history: list[float] = []
-    if head:
-        layers.append(train_head(apply_layers(x_train, layers), codes[train_rows], config,
-                                 on_epoch=lambda epoch, loss: history.append(round(loss, 5))))
+    layers = _train_layers(data.vectors[train_rows], codes[train_rows], pca_dim=pca_dim, head=head, config=config,
+                           history=history)
     train_s = time.perf_counter() - t0
 
-    def measure(vectors: np.ndarray) -> dict[str, float]:
-        r = retrieve(vectors[train_rows], codes[train_rows], vectors[held_rows], codes[held_rows],
-                     exclude_self=False, n_classes=n_classes)
-        return {"top1": round(100 * float(r.top1.mean()), 2), "book_precision_at_4": round(100 * float(r.p4.mean()), 2),
-                "map_at_10": round(100 * float(r.ap10.mean()), 2)}
-
     new_vectors = apply_layers(data.vectors, layers)
-    before, after = measure(data.vectors), measure(new_vectors)
+    before = _held_out_figures(data.vectors, codes, train_rows, held_rows)
+    after = _held_out_figures(new_vectors, codes, train_rows, held_rows)
     info = ModelInfo(
         name=name, base=embedder.name, dim=layers[-1].out_features,
         layers=[{"kind": layer.kind, "in": layer.in_features, "out": layer.out_features} for layer in layers],
@@ -333,31 +312,50 @@ def finetune(dataset: Path, *, name: str, base: str, settings: Settings, split: 
         config={**asdict(config), "pca": pca_dim, "head": head, "loss_history": history, "train_s": round(train_s, 2)},
         metrics={"held_out_before": before, "held_out_after": after})
     save_model(embedder, layers, folder, info, overwrite=overwrite)
-
-    # The saved model must compute what was measured: embed a few images through it and compare.
-    from search.models import clear_embedders
-
-    clear_embedders()
-    saved = resolve_embedder(name, settings)
-    sample = np.linspace(0, len(data) - 1, num=min(4, len(data))).astype(int)
-    from ingest.embedcache import embed_refs
-    from ingest.sources import ImageRef
-
-    check = embed_refs([ImageRef(data.uris[i]) for i in sample], saved, settings, cache=None)
-    cosine = float(np.min(np.sum(check.vectors * new_vectors[sample], axis=1))) if len(check.uris) else 0.0
-    verified = cosine > 0.999
-    if verified:  # the cache of the new model is the head applied to the cached base vectors
-        cache = EmbeddingCache.for_embedder(saved, settings)
-        cache.put_vectors(zip(data.sha256, new_vectors, strict=True))
-        cache.put_files([(*st, sha, None) for uri, sha in zip(data.uris, data.sha256, strict=True)
-                         if (st := _stat(uri)) is not None])
-        cache.close()
-    else:
-        log.warning("model %s reproduces the trained vectors only to cosine %.4f", name, cosine)
+    verified, cosine = _verify_and_prefill(name, data, new_vectors, settings)
     return {"name": name, "path": str(folder), "base": embedder.name, "dim": layers[-1].out_features,
             "format": info.format, "train": len(train_rows), "held_out": len(held_rows), "before": before,
             "after": after, "train_s": round(train_s, 2), "verified": verified, "min_cosine": round(cosine, 6)}
 
 
-__all__ = ["LOSSES", "HeadConfig", "HeadEmbedder", "Layer", "ModelInfo", "apply_layers", "finetune", "fit_pca",
-           "load_head_model", "model_dir", "read_info", "resolve_embedder", "save_model", "train_head"]
+def _train_layers(x_train: np.ndarray, y_train: np.ndarray, *, pca_dim: int | None, head: bool, config: HeadConfig,
+                  history: list[float]) -> list[Layer]:
+    """The PCA (if asked), then the head (if asked) trained on the PCA's output; epoch losses go to ``history``."""
+    layers: list[Layer] = []
+    if pca_dim:
+        layers.append(fit_pca(x_train, pca_dim))
+    if head:
+        layers.append(train_head(apply_layers(x_train, layers), y_train, config,
+                                 on_epoch=lambda epoch, loss: history.append(round(loss, 5))))
+    return layers
+
+
+def _held_out_figures(vectors: np.ndarray, codes: np.ndarray, train_rows: np.ndarray,
+                      held_rows: np.ndarray) -> dict[str, float]:
+    """top-1, P@4 and mAP@10 of the held-out rows queried against the training rows."""
+    r = retrieve(vectors[train_rows], codes[train_rows], vectors[held_rows], codes[held_rows],
+                 exclude_self=False, n_classes=int(codes.max()) + 1)
+    return {"top1": percent(r.top1.mean()), "book_precision_at_4": percent(r.p4.mean()),
+            "map_at_10": percent(r.ap10.mean())}
+
+
+def _verify_and_prefill(name: str, data: Dataset, new_vectors: np.ndarray, settings: Settings) -> tuple[bool, float]:
+    """The saved model must compute what was measured: embed a few images through it and compare. If it does,
+    its cache is the head applied to the cached base vectors. Returns (verified, lowest cosine)."""
+    clear_embedders()
+    saved = get_embedder(name, settings)
+    sample = np.linspace(0, len(data) - 1, num=min(4, len(data))).astype(int)
+    check = embed_refs([ImageRef(data.uris[i]) for i in sample], saved, settings, cache=None)
+    cosine = float(np.min(np.sum(check.vectors * new_vectors[sample], axis=1))) if len(check.uris) else 0.0
+    verified = cosine > 0.999
+    if verified:
+        cache = EmbeddingCache.for_embedder(saved, settings)
+        cache.prefill(data.uris, data.sha256, new_vectors)
+        cache.close()
+    else:
+        log.warning("model %s reproduces the trained vectors only to cosine %.4f", name, cosine)
+    return verified, cosine
+
+
+__all__ = ["LOSSES", "HeadConfig", "Layer", "ModelInfo", "apply_layers", "finetune", "fit_pca", "model_dir",
+           "read_info", "save_model", "train_head"]

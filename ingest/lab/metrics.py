@@ -11,17 +11,27 @@ Labels are integer class codes (``encode_labels`` turns names into codes). Neigh
 * ``knn_topk_accuracy`` — a kNN classifier: the k nearest neighbours vote for their class, weighted by
   similarity (``softmax(sim / temperature)``); top-1 / top-5 = the true class is among the best-voted 1 / 5.
 * ``average_precision_at_k`` — AP@k with the usual ``min(R, k)`` denominator (R = relevant items in the index).
+* ``retrieve`` — all of the above for one index and its queries at once (``Retrieval``: neighbours + per-query
+  figures), as ``evaluate`` and ``finetune`` report them; ``confusions`` — each class's most frequent wrong
+  neighbour class.
+* ``pca_fit`` / ``pca_apply`` — the PCA used by the evaluation sweep and by ``finetune --pca``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 VOTE_K = 10  # neighbours that vote in the kNN classifier
 VOTE_TEMPERATURE = 0.05  # softmax temperature over cosine similarities (chosen on Caltech101-dev, see results)
+VOTE_RULE = f"similarity-weighted vote of the {VOTE_K} nearest (softmax over cosine, T={VOTE_TEMPERATURE})"
+
+
+def percent(x: float) -> float:
+    """A share (0..1) as a percentage rounded to 2 decimals, the unit of every reported figure."""
+    return round(100.0 * float(x), 2)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -136,6 +146,41 @@ def relevant_counts(query_labels: np.ndarray, index_labels: np.ndarray, *, exclu
     return counts[np.asarray(query_labels)] - (1 if exclude_self else 0)
 
 
+@dataclass
+class Retrieval:
+    """Neighbours of every query in the index, and the per-query metrics derived from them."""
+
+    ids: np.ndarray
+    sims: np.ndarray
+    p4: np.ndarray
+    top1: np.ndarray
+    top5: np.ndarray
+    ap10: np.ndarray
+
+
+def retrieve(index: np.ndarray, index_codes: np.ndarray, queries: np.ndarray, query_codes: np.ndarray, *,
+             exclude_self: bool, n_classes: int, k: int = 10) -> Retrieval:
+    """Exact neighbours of ``queries`` in ``index`` and their precision@4, top-1/top-5 kNN hits and AP@10."""
+    ids, sims = nearest(index, queries, max(k, VOTE_K, 10), exclude_self=exclude_self)
+    labels = index_codes[ids]
+    return Retrieval(
+        ids=ids, sims=sims,
+        p4=precision_at_k(query_codes, labels, 4),
+        top1=knn_topk_hits(query_codes, labels, sims, topk=1, n_classes=n_classes),
+        top5=knn_topk_hits(query_codes, labels, sims, topk=5, n_classes=n_classes),
+        ap10=average_precision_at_k(query_codes, labels,
+                                    relevant_counts(query_codes, index_codes, exclude_self=exclude_self), 10),
+    )
+
+
+def confusions(query_codes: np.ndarray, neighbour_codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per class: the other class most often among its queries' neighbours (-1 when none)."""
+    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(counts, (np.repeat(query_codes, neighbour_codes.shape[1]), neighbour_codes.ravel()), 1)
+    np.fill_diagonal(counts, 0)
+    return np.where(counts.max(axis=1) > 0, counts.argmax(axis=1), -1)
+
+
 def recall_at_k(approx: Sequence[Sequence[object]], exact: Sequence[Sequence[object]], k: int = 10) -> float:
     """Mean share of the exact top-k ids that the approximate top-k also returned."""
     shares = [len(set(list(a)[:k]) & set(list(e)[:k])) / max(len(list(e)[:k]), 1)
@@ -170,37 +215,14 @@ def pca_apply(x: np.ndarray, mean: np.ndarray, components: np.ndarray, *, normal
     return l2_normalize(out) if normalize else out
 
 
-def stratified_split(labels: Sequence[str], keys: Sequence[str], fraction: float, seed: int = 0) -> tuple[
-        np.ndarray, np.ndarray]:
-    """Hold out ``fraction`` of every class: (train rows, held-out rows), both sorted.
-
-    Deterministic and stable: inside a class, items are ordered by a hash of (seed, key) — key is e.g. the
-    path relative to the dataset root — so adding a file does not reshuffle the others. Every class with
-    at least 2 items keeps at least one item on each side.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"split fraction {fraction} must be between 0 and 1")
-    if len(labels) != len(keys):
-        raise ValueError("labels and keys differ in length")
-    by_class: dict[str, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    held: list[int] = []
-    for rows in by_class.values():
-        rows = sorted(rows, key=lambda i: hashlib.sha256(f"{seed}\0{keys[i]}".encode()).hexdigest())
-        n = len(rows)
-        take = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
-        held.extend(rows[:take])
-    held_arr = np.array(sorted(held), dtype=np.int64)
-    train = np.setdiff1d(np.arange(len(labels)), held_arr)
-    return train, held_arr
-
-
 __all__ = [
     "VOTE_K",
+    "VOTE_RULE",
     "VOTE_TEMPERATURE",
+    "Retrieval",
     "average_precision_at_k",
     "class_mean",
+    "confusions",
     "encode_labels",
     "knn_topk_hits",
     "l2_normalize",
@@ -208,9 +230,10 @@ __all__ = [
     "pca_apply",
     "pca_fit",
     "per_class",
+    "percent",
     "precision_at_k",
     "recall_at_k",
     "relevant_counts",
-    "stratified_split",
+    "retrieve",
     "vote_scores",
 ]
