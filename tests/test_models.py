@@ -107,7 +107,7 @@ def test_concatenation_is_renormalised_and_weighs_parts_equally(tiny_clip: Path,
 def _save_head(base: models.Embedder, folder: Path, dims: tuple[int, ...] = (6,), seed: int = 0,
                overwrite: bool = False) -> list:
     """A head saved exactly as ``lookalike finetune`` saves one (random Dense layers, then Normalize)."""
-    from ingest.finetune import Layer, ModelInfo, save_model
+    from ingest.lab.finetune import Layer, ModelInfo, save_model
 
     rng = np.random.default_rng(seed)
     layers, width = [], base.dim
@@ -122,7 +122,7 @@ def _save_head(base: models.Embedder, folder: Path, dims: tuple[int, ...] = (6,)
 
 
 def test_head_on_a_combined_base_loads_by_name(tiny_clip: Path, tmp_path: Path) -> None:
-    from ingest.finetune import apply_layers, read_info
+    from ingest.lab.finetune import apply_layers, read_info
 
     settings = get_settings()
     other = build_tiny_clip(tmp_path / "other-clip", seed=1)
@@ -239,7 +239,7 @@ def test_concurrent_first_calls_load_once(monkeypatch: pytest.MonkeyPatch) -> No
         time.sleep(0.2)
         return object()
 
-    monkeypatch.setattr(models, "_load", slow_load)
+    monkeypatch.setattr(models.registry, "_load", slow_load)
     settings = get_settings()
     results: list[object] = []
     threads = [threading.Thread(target=lambda: results.append(get_embedder("x", settings))) for _ in range(6)]
@@ -267,7 +267,7 @@ def test_unreachable_hub_is_detected_without_offline_mode(monkeypatch: pytest.Mo
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     start = time.monotonic()
-    assert models._hub_reachable(timeout=2.0) is False
+    assert models.sentence_transformer._hub_reachable(timeout=2.0) is False
     assert time.monotonic() - start < 5
 
 
@@ -348,7 +348,7 @@ def test_onnx_path_keeps_torch_thread_settings_of_other_threads(random_lite0: Ef
     thread.start()
     thread.join()
     assert torch.get_num_threads() == before and seen == [before]
-    assert models._single_torch_thread().submit(torch.get_num_threads).result() == 1
+    assert models.efficientnet._single_torch_thread().submit(torch.get_num_threads).result() == 1
 
 
 def test_preprocessing_string_names_every_option() -> None:
@@ -394,7 +394,7 @@ def test_saved_efficientnet_round_trips_with_appended_dense(random_lite0: Effici
 def test_head_on_efficientnet_plus_clip_prepares_arrays(random_lite0: EfficientNetEmbedder, tiny_clip: Path,
                                                         tmp_path: Path) -> None:
     """A random-weight EfficientNet folder + CLIP as base: prepare gives the CNN its CHW array."""
-    from ingest.finetune import apply_layers
+    from ingest.lab.finetune import apply_layers
 
     settings = random_lite0.settings  # its ONNX export is cached there already
     lite_folder = tmp_path / "random-lite0"
@@ -473,14 +473,14 @@ def test_real_lite0_save_load_round_trip(lite0, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_lite0_plus_clip_head_matches_the_trained_vectors(lite0, tiny_clip: Path) -> None:
     """The real Lite0 (ONNX) in a combined base under a PCA head, loaded by name as backfill/search do."""
-    from ingest.finetune import apply_layers, fit_pca
+    from ingest.lab.finetune import apply_layers, fit_pca
 
     photos = list(_sample_photos().values())
     settings = lite0.settings
     base = get_embedder(f"efficientnet-lite0+{tiny_clip}", settings)
     base_vectors = base.embed_images(photos)
     layer = fit_pca(base_vectors, 4)
-    from ingest.finetune import ModelInfo, save_model
+    from ingest.lab.finetune import ModelInfo, save_model
 
     folder = settings.data_dir / "models" / "lite0-clip-pca4"
     save_model(base, [layer], folder, ModelInfo(name="lite0-clip-pca4", base=base.name, dim=4, layers=[]))
