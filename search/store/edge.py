@@ -1,0 +1,347 @@
+"""The embedded backend: ``qdrant-edge-py`` runs the Qdrant engine in this process, one shard folder per
+collection under ``<data_dir>/qdrant/<collection>``, the collection metadata in ``lookalike.json`` inside it.
+
+Get stores from ``open_store``: within one process it hands out one shared, ref-counted handle per collection
+folder, after taking the data dir's lock (``search.store.lock``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import search.store.base as base
+from search.config import Settings
+from search.errors import CollectionMismatch, StoreError, StoreLocked
+from search.schema import PAYLOAD_INDEXES, CollectionMeta, Filter, Hit, PointRecord
+from search.store.base import (
+    Store,
+    _hit,
+    _mismatch_message,
+    _point_id,
+    _quantization_kind,
+    _record,
+    _vector_list,
+)
+from search.store.filters import Spelling, translate
+from search.store.lock import LOCK_FILE, REGISTRY, _DirLock, _locked_message
+
+log = logging.getLogger(__name__)
+
+META_FILE = "lookalike.json"
+
+
+@functools.cache
+def _spelling() -> Spelling:
+    import qdrant_edge as qe
+
+    return Spelling(
+        match_value=lambda key, value: qe.FieldCondition(key=key, match=qe.MatchValue(value)),
+        match_any=lambda key, values: qe.FieldCondition(key=key, match=qe.MatchAny(values)),
+        is_empty=qe.IsEmptyCondition,
+        has_id=lambda ids: qe.HasIdCondition(set(ids)),
+        filter=qe.Filter,
+    )
+
+
+def _edge_filter(flt: Filter | None) -> Any:
+    return None if flt is None else translate(flt, _spelling())
+
+
+class EdgeStore(Store):
+    """The embedded store. Get it from ``open_store``: it owns the process-wide lock and sharing."""
+
+    embedded = True
+
+    def __init__(self, settings: Settings, collection: str, root: Path, lock: _DirLock) -> None:
+        self.settings = settings
+        self.collection = collection
+        self.root = root
+        self.path = root / collection
+        self._lock = lock
+        self._refs = 1
+        self._pid = os.getpid()
+        self._closed = False
+        self._shard: Any = None
+        self._meta: CollectionMeta | None = None
+        self._indexed = False
+        self._read_meta()
+        if (self.path / "edge_config.json").exists():
+            self._shard = self._load()
+
+    def __repr__(self) -> str:
+        return f"EdgeStore({str(self.path)!r})"
+
+    # lifecycle
+    def _load(self) -> Any:
+        import qdrant_edge as qe
+
+        try:
+            shard = qe.EdgeShard.load(str(self.path))
+        except Exception as err:
+            if "WouldBlock" in str(err):  # someone opened it without our lock file
+                raise StoreLocked(_locked_message(self.root, "unknown")) from None
+            raise StoreError(f"cannot open the store at {self.path}: {err}") from None
+        self._indexed = shard.info().indexed_vectors_count > 0
+        return shard
+
+    def _alive(self) -> None:
+        if self._closed:
+            raise StoreError(f"the store at {self.path} is closed; open it again with open_store")
+        if self._pid != os.getpid():
+            raise StoreError(f"the store at {self.path} was opened by PID {self._pid} before a fork; open it in "
+                             f"this process, or use a Qdrant server (LOOKALIKE_QDRANT_URL) for several processes")
+
+    def _check(self) -> Any:
+        self._alive()
+        if self._shard is None:
+            raise StoreError(f"collection '{self.collection}' does not exist in {self.root}; ingest images first "
+                             f"(lookalike backfill) or choose another with --collection/LOOKALIKE_COLLECTION")
+        return self._shard
+
+    def close(self) -> None:
+        with REGISTRY.mutex:
+            if self._closed:
+                return
+            if self._pid != os.getpid():  # the parent's handle in a forked child: leave its files alone
+                self._closed = True
+                return
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            self._closed = True
+            if REGISTRY.stores.get(self.path) is self:
+                del REGISTRY.stores[self.path]
+            try:
+                if self._shard is not None:
+                    self._shard.flush()
+                    self._shard.close()
+            finally:
+                self._shard = None
+                REGISTRY.release(self._lock)
+
+    def flush(self) -> None:
+        self._alive()
+        if self._shard is not None:  # nothing was ever written: nothing to flush
+            self._shard.flush()
+
+    def _written(self) -> None:
+        if self.sync_writes and not self._bulk_depth:
+            self._shard.flush()
+
+    # metadata
+    def _read_meta(self) -> None:
+        path = self.path / META_FILE
+        try:
+            self._meta = CollectionMeta.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            self._meta = None
+        except (OSError, ValueError, TypeError) as err:
+            raise StoreError(f"cannot read {path}: {err}; restore it or move the folder away") from None
+
+    def _write_meta(self, meta: CollectionMeta) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / (META_FILE + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(meta.to_dict(), fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path / META_FILE)
+        self._meta = meta
+
+    def meta(self) -> CollectionMeta | None:
+        return self._meta
+
+    def ensure_collection(self, meta: CollectionMeta) -> CollectionMeta:
+        import qdrant_edge as qe
+
+        with REGISTRY.mutex:
+            self._alive()
+            have = self._meta
+            if have is not None:
+                if have.mismatch(meta):
+                    raise CollectionMismatch(_mismatch_message(self.collection, have, meta))
+            elif self._shard is not None and self._shard.info().points_count > 0:
+                raise CollectionMismatch(f"collection '{self.collection}' at {self.path} holds points but no "
+                                         f"{META_FILE}; use --collection/LOOKALIKE_COLLECTION for a separate "
+                                         f"collection")
+            else:
+                self._write_meta(meta)  # before the shard: a crash in between leaves a recoverable state
+            if self._shard is None:
+                self._shard = self._create(self._meta or meta)
+            self._ensure_indexes(qe)
+            return self._meta or meta
+
+    def _create(self, meta: CollectionMeta) -> Any:
+        import qdrant_edge as qe
+
+        quant = {"int8": lambda: qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True),
+                 "binary": lambda: qe.BinaryQuantizationConfig(always_ram=True)}.get(_quantization_kind(self.settings))
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=meta.dim, distance=getattr(qe.Distance, meta.distance)),
+            hnsw_config=qe.HnswIndexConfig(m=base.HNSW_M, ef_construct=base.HNSW_EF_CONSTRUCT,
+                                           full_scan_threshold=base.FULL_SCAN_THRESHOLD_KB),
+            quantization_config=quant() if quant else None,
+            # The edge shard never optimizes on its own; a tiny threshold lets optimize(force=True) index any size.
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1),
+        )
+        try:
+            shard = qe.EdgeShard.create(str(self.path), config)
+        except Exception as err:
+            raise StoreError(f"cannot create the store at {self.path}: {err}") from None
+        log.info("created collection %s at %s (dim %d)", self.collection, self.path, meta.dim)
+        return shard
+
+    def _ensure_indexes(self, qe: Any) -> None:
+        kinds = {"keyword": qe.PayloadSchemaType.Keyword, "datetime": qe.PayloadSchemaType.Datetime,
+                 "integer": qe.PayloadSchemaType.Integer, "float": qe.PayloadSchemaType.Float,
+                 "bool": qe.PayloadSchemaType.Bool, "uuid": qe.PayloadSchemaType.Uuid}
+        present = set(self._shard.info().payload_schema)
+        missing = [(f, kinds[k]) for f, k in PAYLOAD_INDEXES.items() if f not in present]
+        for field_name, kind in missing:
+            self._shard.update(qe.UpdateOperation.create_field_index(field_name, kind))
+        if missing:
+            self._shard.flush()
+
+    # data
+    def upsert(self, points: Sequence[PointRecord]) -> None:
+        import qdrant_edge as qe
+
+        shard = self._check()
+        if not points:
+            return
+        dim = self._dim()
+        batch = []
+        for p in points:
+            pid = _point_id(p.id)
+            batch.append(qe.Point(pid, _vector_list(p.vector, dim, pid), dict(p.payload or {})))
+        try:
+            shard.update(qe.UpdateOperation.upsert_points(batch))
+        except Exception as err:
+            raise StoreError(f"upsert into '{self.collection}' failed: {err}") from None
+        self._written()
+
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[PointRecord]:
+        shard = self._check()
+        if not ids:
+            return []
+        records = shard.retrieve([_point_id(i) for i in ids], True, bool(with_vectors))
+        return [_record(r, with_vectors) for r in records]
+
+    def set_payload(self, id: str, payload: dict) -> None:
+        import qdrant_edge as qe
+
+        shard = self._check()
+        pid = _point_id(id)
+        try:
+            shard.update(qe.UpdateOperation.set_payload([pid], dict(payload)))
+        except Exception as err:
+            if "No point with id" in str(err):
+                raise StoreError(f"no point {pid} in collection '{self.collection}'") from None
+            raise StoreError(f"set_payload on '{self.collection}' failed: {err}") from None
+        self._written()
+
+    def delete(self, ids: Sequence[str]) -> None:
+        import qdrant_edge as qe
+
+        shard = self._check()
+        if not ids:
+            return
+        shard.update(qe.UpdateOperation.delete_points([_point_id(i) for i in ids]))
+        self._written()
+
+    def count(self, filter: Filter | None = None) -> int:
+        import qdrant_edge as qe
+
+        return int(self._check().count(qe.CountRequest(exact=True, filter=_edge_filter(filter))))
+
+    def scroll(self, filter: Filter | None = None, with_vectors: bool = False,
+               batch: int = 512) -> Iterator[PointRecord]:
+        import qdrant_edge as qe
+
+        flt = _edge_filter(filter)
+        offset: Any = None
+        while True:
+            records, offset = self._check().scroll(qe.ScrollRequest(
+                offset=offset, limit=batch, filter=flt, with_payload=True, with_vector=bool(with_vectors)))
+            for r in records:
+                yield _record(r, with_vectors)
+            if offset is None or not records:
+                return
+
+    def _dim(self) -> int:
+        if self._meta is None:
+            raise StoreError(f"collection '{self.collection}' has no {META_FILE}; call ensure_collection first")
+        return self._meta.dim
+
+    def _selective(self, flt: Any) -> bool:
+        """Whether a filter matches few enough points to score them all (filtered HNSW lost recall at 1M)."""
+        import qdrant_edge as qe
+
+        return self._shard.count(qe.CountRequest(exact=False, filter=flt)) <= base.EXACT_FILTER_MAX
+
+    def search(self, vectors: np.ndarray, k: int = 10, filter: Filter | None = None,
+               min_score: float | None = None, exact: bool = False) -> list[list[Hit]]:
+        import qdrant_edge as qe
+
+        shard = self._check()
+        queries = self._query_matrix(vectors, self._dim(), k)
+        if len(queries) == 0:
+            return []
+        flt = _edge_filter(filter)
+        exact = exact or (self._indexed and flt is not None and filter is not None and bool(filter.must)
+                          and self._selective(flt))
+        quant = _quantization_kind(self.settings)
+        params = qe.SearchParams(
+            hnsw_ef=max(base.HNSW_EF, k), exact=exact,
+            quantization=None if quant == "none" else qe.QuantizationSearchParams(
+                rescore=True, oversampling=base.OVERSAMPLING[quant]))
+        requests = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q.tolist()), filter=flt,
+                                    score_threshold=min_score, with_payload=True, params=params) for q in queries]
+        results = shard.query_batch(qe.QueryBatchRequest(requests))
+        return [[_hit(p) for p in hits] for hits in results]
+
+    def optimize(self, force: bool = False) -> bool:
+        shard = self._check()
+        n = shard.info().points_count
+        if not force and n < self.settings.hnsw_threshold:
+            return False
+        log.info("building the HNSW index of '%s' over %d points (blocking; ~2 min per 100k on 2 cores)",
+                 self.collection, n)
+        ran = bool(shard.optimize())
+        shard.flush()
+        self._indexed = shard.info().indexed_vectors_count > 0
+        return ran
+
+
+def _open_edge(settings: Settings, collection: str) -> EdgeStore:
+    """The shared handle for ``collection`` under ``settings.data_dir``, opened (and the lock taken) if needed."""
+    root = (Path(settings.data_dir).expanduser() / "qdrant").resolve()
+    path = root / collection
+    with REGISTRY.mutex:
+        store = REGISTRY.stores.get(path)
+        if store is not None and not store._closed:
+            store._refs += 1
+            return store
+        lock_path = root / LOCK_FILE
+        lock = REGISTRY.locks.get(lock_path) or _DirLock(lock_path)
+        try:
+            lock.acquire()
+        except PermissionError as err:
+            raise StoreError(f"cannot create {lock_path}: {err.strerror}; set LOOKALIKE_DATA_DIR to a writable "
+                             f"folder") from None
+        REGISTRY.locks[lock_path] = lock
+        try:
+            store = EdgeStore(settings, collection, root, lock)
+        except BaseException:
+            REGISTRY.release(lock)
+            raise
+        REGISTRY.stores[path] = store
+        return store
