@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from search.errors import ConfigError
@@ -54,8 +54,12 @@ class BaseLookalikeSettings(BaseSettings):
 
 S = TypeVar("S", bound=BaseLookalikeSettings)
 
-PathList = Annotated[tuple[Path, ...], NoDecode]
-TextList = Annotated[tuple[str, ...], NoDecode]
+def _split_commas(value: Any) -> Any:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+
+PathList = Annotated[tuple[Path, ...], NoDecode]  # os.pathsep-separated in the environment
+TextList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_commas)]  # comma-separated
 
 
 class Settings(BaseLookalikeSettings):
@@ -111,8 +115,7 @@ class Settings(BaseLookalikeSettings):
     @field_validator("fetch_allow_networks", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [n.strip() for n in value.split(",") if n.strip()]
+        value = _split_commas(value)
         for net in value:
             ipaddress.ip_network(net, strict=False)  # ValueError names the bad network
         return tuple(value)
@@ -174,4 +177,5 @@ def replace(settings: S, **changes: Any) -> S:
     return settings.replace(**changes)
 
 
-__all__ = ["DEFAULT_MODEL", "BaseLookalikeSettings", "Settings", "env_var", "get_settings", "load", "replace"]
+__all__ = ["DEFAULT_MODEL", "BaseLookalikeSettings", "PathList", "Settings", "TextList", "env_var", "get_settings",
+           "load", "replace"]

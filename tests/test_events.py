@@ -233,13 +233,13 @@ def test_watch_in_process_makes_new_files_searchable(tmp_path: Path) -> None:
     from ingest.pipeline import Pipeline
     from search.store import open_store
     from tests.fakes import TinyEmbedder
-    from workers.cli import _InProcessSink
+    from workers.watch import InProcessSink
     from workers.watch import Watcher
 
     root = tmp_path / "inbox"
     root.mkdir()
     settings = get_settings(data_dir=tmp_path / "data", model="tiny", allowed_roots=(root,))
-    sink = _InProcessSink(settings, "watch", Pipeline(settings, embedder=TinyEmbedder(), tagger=False, source="watch"))
+    sink = InProcessSink(settings, "watch", Pipeline(settings, embedder=TinyEmbedder(), tagger=False, source="watch"))
     outcomes: list = []
     ingest = sink.pipeline.ingest
     sink.pipeline.ingest = lambda refs: outcomes.extend(ingest(refs)) or outcomes  # type: ignore[method-assign]

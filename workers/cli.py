@@ -179,7 +179,7 @@ def watch(app: AppContext, dirs: tuple[Path, ...], interval: float, existing: bo
     complete when its size and modification time stay the same over one scan (partial names such as
     *.part, *.tmp and dot-files are ignored until renamed).
     """
-    from workers.watch import Watcher
+    from workers.watch import BrokerSink, InProcessSink, Watcher
 
     settings = _settings(app)
     if in_process is None:
@@ -188,9 +188,9 @@ def watch(app: AppContext, dirs: tuple[Path, ...], interval: float, existing: bo
     if in_process:
         if not settings.allowed_roots:
             settings = _settings(app, allowed_roots=roots)  # explicit: the watched folders, nothing else
-        sink = _InProcessSink(settings, source)
+        sink = InProcessSink(settings, source)
     else:
-        sink = _BrokerSink(settings, queue, source)
+        sink = BrokerSink(settings, queue, source)
     click.echo(f"watching {', '.join(map(str, roots))} "
                f"({'ingesting in-process' if in_process else 'sending events to ' + queue}); Ctrl-C stops", err=True)
     watcher = Watcher(roots, interval=interval, existing=existing)
@@ -201,53 +201,6 @@ def watch(app: AppContext, dirs: tuple[Path, ...], interval: float, existing: bo
         pass
     finally:
         sink.close()
-
-
-def _refs_for(paths: list[Path], labels_from_dirs: bool, source: str | None) -> list[ImageRef]:
-    from ingest.sources import ImageRef
-
-    return [ImageRef(uri=str(p), labels=(p.parent.name,) if labels_from_dirs else (), source=source)
-            for p in paths]
-
-
-class _InProcessSink:
-    """Ingests handed-over files here, with the one pipeline (the embedded default of ``watch``)."""
-
-    def __init__(self, settings: Settings, source: str, pipeline: Any = None) -> None:
-        from ingest.pipeline import Pipeline
-
-        self.source = source
-        self.pipeline = pipeline or Pipeline(settings, source=source)
-        # Open the store and load the model now: a store owned by a running worker fails at once
-        # (StoreLocked), and the first new file pays no start-up.
-        _ = self.pipeline.embedder
-
-    def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
-        for outcome in self.pipeline.ingest(_refs_for(paths, labels_from_dirs, self.source)):
-            detail = outcome.reason if outcome.status == "failed" else outcome.id
-            click.echo(f"{outcome.status} {outcome.uri} ({detail})", err=True)
-
-    def close(self) -> None:
-        self.pipeline.close()
-
-
-class _BrokerSink:
-    """Sends handed-over files to the workers as events (``watch --via-broker``)."""
-
-    def __init__(self, settings: Settings, queue: str, source: str) -> None:
-        from workers.app import make_app
-
-        self.settings, self.queue, self.source = settings, queue, source
-        self.app = make_app(settings)  # one app (and connection pool) for the whole watch
-
-    def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
-        refs = _refs_for(paths, labels_from_dirs, self.source)
-        enqueue_refs(refs, self.settings, queue=self.queue, app=self.app)
-        for p in paths:
-            click.echo(f"queued {p}", err=True)
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------- dead letters

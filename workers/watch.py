@@ -1,10 +1,13 @@
-"""Find new, completely written image files under some folders by polling.
+"""Find new, completely written image files under some folders by polling, and hand them to a sink.
 
 Polling (``os.scandir``) instead of inotify: no extra dependency, works on network and bind-mounted
 folders where inotify is silent, and costs ~1 ms per thousand files per scan. A file is handed over once
 its (size, mtime) is the same in two consecutive scans and it is not empty — a writer that is still
 appending changes one of them. Names writers use while writing (dot-files, ``*.part``, ``*.tmp``,
 ``*.crdownload``, ``*~``) are ignored until they are renamed to their final name.
+
+Sinks: ``InProcessSink`` ingests here with the one pipeline (the embedded default); ``BrokerSink`` sends
+events to the workers. ``lookalike watch`` and ``lookalike serve --watch`` use them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from ingest.sources import ImageRef
+    from search.config import Settings
 
 log = logging.getLogger("workers.watch")
 
@@ -105,3 +115,53 @@ class Watcher:
 
 
 __all__ = ["PARTIAL_SUFFIXES", "Watcher"]
+
+
+# ---------------------------------------------------------------------------------------------- sinks
+def refs_for(paths: list[Path], labels_from_dirs: bool, source: str | None) -> list[ImageRef]:
+    from ingest.sources import ImageRef
+
+    return [ImageRef(uri=str(p), labels=(p.parent.name,) if labels_from_dirs else (), source=source)
+            for p in paths]
+
+
+class InProcessSink:
+    """Ingests handed-over files here, with the one pipeline (the embedded default of ``watch``)."""
+
+    def __init__(self, settings: Settings, source: str, pipeline: Any = None) -> None:
+        from ingest.pipeline import Pipeline
+
+        self.source = source
+        self.pipeline = pipeline or Pipeline(settings, source=source)
+        # Open the store and load the model now: a store owned by a running worker fails at once
+        # (StoreLocked), and the first new file pays no start-up.
+        _ = self.pipeline.embedder
+
+    def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
+        for outcome in self.pipeline.ingest(refs_for(paths, labels_from_dirs, self.source)):
+            detail = outcome.reason if outcome.status == "failed" else outcome.id
+            click.echo(f"{outcome.status} {outcome.uri} ({detail})", err=True)
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+class BrokerSink:
+    """Sends handed-over files to the workers as events (``watch --via-broker``)."""
+
+    def __init__(self, settings: Settings, queue: str, source: str) -> None:
+        from workers.app import make_app
+
+        self.settings, self.queue, self.source = settings, queue, source
+        self.app = make_app(settings)  # one app (and connection pool) for the whole watch
+
+    def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
+        refs = refs_for(paths, labels_from_dirs, self.source)
+        from workers.cli import enqueue_refs
+
+        enqueue_refs(refs, self.settings, queue=self.queue, app=self.app)
+        for p in paths:
+            click.echo(f"queued {p}", err=True)
+
+    def close(self) -> None:
+        pass
