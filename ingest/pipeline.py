@@ -191,7 +191,7 @@ class Pipeline(StoreUser):
         assert item.data is not None
         embedder = self._embedder
         decoded = decode(item.data, item.ref.uri, max_pixels=self.settings.max_pixels,
-                         draft=getattr(embedder, "draft_size", None) or DEFAULT_DRAFT)
+                         draft=(embedder.draft_size if embedder is not None else None) or DEFAULT_DRAFT)
         t1 = time.perf_counter()
         prepared = embedder.prepare(decoded.image) if embedder is not None else decoded.image
         item.outcome.timings["decode"] = time.perf_counter() - t0

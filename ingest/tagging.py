@@ -16,7 +16,6 @@ appended to a checkpoint file under the data dir, removed when the run completes
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -117,9 +116,9 @@ class Tagger:
             self.prompts = [p if isinstance(p, Prompt) else q for p in (prompts or [])
                             for q in ([p] if isinstance(p, Prompt) else parse_prompts([p]))]
         self._text: tuple[np.ndarray, list[Prompt], list[str]] | None = None
-        if self.prompts and not getattr(embedder, "supports_text", False):
+        if self.prompts and not embedder.supports_text:
             log.warning("model %s cannot embed text: zero-shot prompts are ignored (use a CLIP model)",
-                        getattr(embedder, "name", "?"))
+                        embedder.name)
             self.prompts = []
         if len({p.label for p in self.prompts}) == 1:
             log.warning("zero-shot tagging needs at least two labels to compare; the prompts are ignored")
@@ -182,7 +181,7 @@ class Tagger:
             except ModelError:
                 raise
             except Exception as err:  # a model bug must name the model, not crash the batch obscurely
-                raise ModelError(f"model {getattr(self.embedder, 'name', '?')} failed to embed the tag prompts: "
+                raise ModelError(f"model {self.embedder.name} failed to embed the tag prompts: "
                                  f"{err}") from err
             labels = list(dict.fromkeys(p.label for p in self.prompts))
             self._text = (text, list(self.prompts), labels)
@@ -231,7 +230,7 @@ def retag(store: Store, tagger: Tagger, settings: Settings, *, restart: bool = F
             vectors = np.stack([np.asarray(r.vector, dtype=np.float32) for r in records])
             results = tagger.tag(vectors, exclude_ids=[r.id for r in records])
             # one flush per batch, not per point; the checkpoint is written only after it
-            with getattr(store, "bulk", contextlib.nullcontext)():
+            with store.bulk():
                 for record, tags in zip(records, results, strict=True):
                     store.set_payload(record.id, {"tags": tags})
                     if tags:

@@ -342,3 +342,33 @@ def photo(path: Path, seed: int, size: tuple[int, int] = (96, 64)) -> Path:
     small = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
     Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=92)
     return path
+
+
+# Three visually distinct classes for the evaluation, fine-tuning and tagging tests.
+CLASS_STYLE = {"red_disc": ((220, 30, 30), "ellipse"), "green_box": ((30, 200, 30), "rectangle"),
+               "blue_bar": ((30, 30, 220), "bar")}
+
+
+def make_tree(root, per_class: int = 6, *, seed: int = 0, broken: bool = False):
+    """A tiny ImageFolder tree of coloured shapes on noisy backgrounds (distinct bytes per file)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for cls, (colour, shape) in CLASS_STYLE.items():
+        folder = root / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.fromarray(rng.integers(90, 160, (48, 48, 3), dtype=np.uint8))
+            draw = ImageDraw.Draw(img)
+            x0, y0 = (int(v) for v in rng.integers(2, 14, 2))
+            x1, y1 = x0 + int(rng.integers(24, 32)), y0 + int(rng.integers(24, 32))
+            if shape == "ellipse":
+                draw.ellipse((x0, y0, x1, y1), fill=colour)
+            elif shape == "rectangle":
+                draw.rectangle((x0, y0, x1, y1), fill=colour)
+            else:
+                draw.rectangle((x0, y0, x1, y0 + 8), fill=colour)
+            img.save(folder / f"{cls}_{i}.{'png' if i % 2 else 'jpg'}")
+    if broken:
+        (root / "red_disc" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root

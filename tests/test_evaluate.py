@@ -7,6 +7,8 @@ import pytest
 
 from ingest.lab import metrics as ev
 from ingest.lab.datasets import stratified_split
+from tests.clirun import run_cli as _run
+from tests.imagefactory import make_tree
 
 # embedders are cached per process; each test starts without any (fixture in conftest.py)
 pytestmark = pytest.mark.usefixtures("_fresh_embedders")
@@ -142,44 +144,6 @@ def test_encode_labels():
 
 
 # ---------------------------------------------------------------------------------------------- the command
-CLASS_STYLE = {"red_disc": ((220, 30, 30), "ellipse"), "green_box": ((30, 200, 30), "rectangle"),
-               "blue_bar": ((30, 30, 220), "bar")}
-
-
-def make_tree(root, per_class: int = 6, *, seed: int = 0, broken: bool = False):
-    """A tiny ImageFolder tree of coloured shapes on noisy backgrounds (distinct bytes per file)."""
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    for cls, (colour, shape) in CLASS_STYLE.items():
-        folder = root / cls
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = Image.fromarray(rng.integers(90, 160, (48, 48, 3), dtype=np.uint8))
-            draw = ImageDraw.Draw(img)
-            x0, y0 = (int(v) for v in rng.integers(2, 14, 2))
-            x1, y1 = x0 + int(rng.integers(24, 32)), y0 + int(rng.integers(24, 32))
-            if shape == "ellipse":
-                draw.ellipse((x0, y0, x1, y1), fill=colour)
-            elif shape == "rectangle":
-                draw.rectangle((x0, y0, x1, y1), fill=colour)
-            else:
-                draw.rectangle((x0, y0, x1, y0 + 8), fill=colour)
-            img.save(folder / f"{cls}_{i}.{'png' if i % 2 else 'jpg'}")
-    if broken:
-        (root / "red_disc" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    return root
-
-
-def _run(args, data_dir):
-    from click.testing import CliRunner
-
-    from search.cli import main
-
-    result = CliRunner().invoke(main, ["--data-dir", str(data_dir), *map(str, args)], catch_exceptions=False)
-    return result
-
-
 REQUIRED = {"model", "images", "book_precision_at_4", "class_balanced_precision_at_4", "top1", "top5", "map_at_10",
             "tag_accuracy", "tag_coverage"}
 

@@ -11,7 +11,8 @@ import pytest
 from ingest.lab.datasets import stratified_split
 from ingest.lab.finetune import HeadConfig, apply_layers, fit_pca, train_head
 from ingest.lab.metrics import knn_topk_hits, l2_normalize, nearest, pca_apply, pca_fit
-from tests.test_evaluate import _run, make_tree
+from tests.clirun import run_cli as _run
+from tests.imagefactory import make_tree
 
 # embedders are cached per process; each test starts without any (fixture in conftest.py)
 pytestmark = pytest.mark.usefixtures("_fresh_embedders")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import numpy as np
 import pytest
 
@@ -11,7 +9,9 @@ from ingest import tagging
 from ingest.tagging import Prompt, Tagger, parse_prompts, retag, vote
 from search.config import get_settings
 from search.errors import ConfigError
-from search.schema import CollectionMeta, PointRecord, point_id, sha256_hex
+from search.schema import PointRecord, point_id, sha256_hex
+from tests.clirun import run_cli
+from tests.fakes import TinyEmbedder as FakeEmbedder
 
 # embedders are cached per process; each test starts without any (fixture in conftest.py)
 pytestmark = pytest.mark.usefixtures("_fresh_embedders")
@@ -51,25 +51,16 @@ def test_parse_prompts():
 
 
 # -- the Tagger against a real embedded store ------------------------------------------------------------
-class TinyEmbedder:
-    """Stands in for a model: the Tagger only needs name/dim/supports_text (and embed_texts for zero-shot)."""
-
-    name = "tiny-test"
-    dim = 4
-    preprocessing = "test-v1"
-    supports_text = False
-
-    def meta(self) -> CollectionMeta:
-        return CollectionMeta(model=self.name, dim=self.dim, preprocessing=self.preprocessing)
+TEXTS = {"a photo of a cat": [1, 0, 0, 0], "a photo of a dog": [0, 1, 0, 0], "a car": [0, 0, 1, 0]}
 
 
-class TinyTextEmbedder(TinyEmbedder):
-    supports_text = True
-    TEXT: ClassVar[dict[str, list[int]]] = {"a photo of a cat": [1, 0, 0, 0], "a photo of a dog": [0, 1, 0, 0],
-                                             "a car": [0, 0, 1, 0]}
+def TinyEmbedder() -> FakeEmbedder:
+    """The Tagger only needs name/dim/supports_text (and embed_texts for zero-shot)."""
+    return FakeEmbedder("tiny-test", dim=4, preprocessing="test-v1")
 
-    def embed_texts(self, texts):
-        return np.array([self.TEXT[t] for t in texts], dtype=np.float32)
+
+def TinyTextEmbedder() -> FakeEmbedder:
+    return FakeEmbedder("tiny-test", dim=4, preprocessing="test-v1", texts=TEXTS)
 
 
 def _vec(*xs: float) -> np.ndarray:
@@ -209,11 +200,7 @@ def test_retag_writes_tags_and_resumes_after_interruption(tmp_path):
 
 # -- the `tag` command through the real pipeline (tiny random CLIP) ----------------------------------------
 def _cli(args, data, model, **kwargs):
-    from click.testing import CliRunner
-
-    from search.cli import main
-
-    return CliRunner().invoke(main, ["--data-dir", str(data), "--model", str(model), *map(str, args)], **kwargs)
+    return run_cli(["--model", model, *args], data, **{"catch_exceptions": True, **kwargs})
 
 
 def _payloads(data, model):
@@ -224,7 +211,7 @@ def _payloads(data, model):
 
 
 def test_tag_command_tags_unlabelled_points_and_resumes_after_a_crash(tmp_path, tiny_clip, monkeypatch):
-    from tests.test_evaluate import make_tree
+    from tests.imagefactory import make_tree
 
     data = tmp_path / "data"
     labelled = make_tree(tmp_path / "labelled", per_class=4)
@@ -268,7 +255,7 @@ def test_tag_command_tags_unlabelled_points_and_resumes_after_a_crash(tmp_path, 
 def test_tag_command_zero_shot_with_clip_prompts(tmp_path, tiny_clip, monkeypatch):
     import json
 
-    from tests.test_evaluate import make_tree
+    from tests.imagefactory import make_tree
 
     data = tmp_path / "data"
     assert _cli(["backfill", make_tree(tmp_path / "t", per_class=2), "--no-tag"], data, tiny_clip).exit_code == 0

@@ -177,7 +177,7 @@ def _tiny_vector(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- tests
 def test_event_makes_image_searchable_with_tags(env: Env) -> None:
     from ingest.sources import ImageRef
-    from workers.cli import enqueue_refs
+    from workers.producer import enqueue_refs
 
     labelled = [ImageRef(str(photo(env.root / "red" / f"r{i}.jpg", i, base=1, noise=8)), ("red",)) for i in range(3)]
     labelled += [ImageRef(str(photo(env.root / "blue" / f"b{i}.jpg", i, base=2, noise=8)), ("blue",)) for i in range(3)]
@@ -364,7 +364,7 @@ def test_poison_events_are_dead_lettered_and_good_ones_go_through(env: Env) -> N
 
 def test_uploads_overtake_a_backfill(env: Env) -> None:
     from ingest.sources import ImageRef
-    from workers.cli import enqueue_refs
+    from workers.producer import enqueue_refs
 
     bulk = [ImageRef(str(photo(env.root / "bulk" / f"{i}.jpg", 200 + i))) for i in range(96)]
     upload = photo(env.root / "upload.jpg", 999)
@@ -424,7 +424,7 @@ def test_real_model_event_to_search(env: Env) -> None:
     """The same flow with efficientnet-lite0 (ONNX): labelled neighbours first, then an upload."""
     from ingest.sources import ImageRef
     from search.models import get_embedder
-    from workers.cli import enqueue_refs
+    from workers.producer import enqueue_refs
 
     labelled = [ImageRef(str(photo(env.root / "red" / f"r{i}.jpg", i, base=1, noise=6)), ("red",)) for i in range(3)]
     labelled += [ImageRef(str(photo(env.root / "blue" / f"b{i}.jpg", i, base=2, noise=6)), ("blue",)) for i in range(3)]

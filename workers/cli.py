@@ -1,7 +1,7 @@
 """Commands for event-driven ingestion: worker, enqueue, watch, dead-letters, status.
 
 Registered on the root group through the ``lookalike.commands`` entry point (``register``); the
-``backfill --via-workers`` fan-out is ``enqueue_refs`` (entry point ``lookalike.fanout``).
+``backfill --via-workers`` fan-out is ``workers.producer.enqueue_refs`` (entry point ``lookalike.fanout``).
 Celery, the pipeline and Redis are imported inside the commands, so ``lookalike --help`` stays instant.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,68 +16,12 @@ import click
 
 from search.cli import AppContext, echo_json, handle_errors, pass_app
 from search.errors import CollectionMismatch, ConfigError, LookalikeError, ModelError, StoreLocked
+from workers.producer import DEFAULT_CHUNK, enqueue_refs, is_connection_error, unreachable
 
 if TYPE_CHECKING:
-    from ingest.sources import ImageRef
-    from search.config import Settings
     from workers.config import WorkerSettings
 
 log = logging.getLogger("workers.cli")
-DEFAULT_CHUNK = 64
-
-
-# ---------------------------------------------------------------------------------------------- sending
-def _events(refs: Iterable[ImageRef]) -> Iterator[dict[str, Any]]:
-    from workers.events import event_for
-
-    for ref in refs:
-        yield event_for(ref, sent_at=time.time())
-
-
-def enqueue_refs(refs: Iterable[ImageRef], settings: Settings, queue: str = "backfill",
-                 chunk_size: int = DEFAULT_CHUNK, *, app: Any = None) -> int:
-    """Send ``refs`` to the workers; returns the number of tasks sent.
-
-    ``queue="live"``: one ``lookalike.ingest`` task per image (uploads). Otherwise (``backfill`` or a queue
-    name): ``lookalike.ingest_batch`` tasks of ``chunk_size`` events, so workers embed whole batches."""
-    from ingest.pipeline import chunked
-    from workers.app import make_app
-    from workers.events import INGEST_BATCH_TASK, INGEST_TASK, LIVE_QUEUE, MAX_BATCH_EVENTS, resolve_queue
-
-    if not 1 <= chunk_size <= MAX_BATCH_EVENTS:
-        raise ConfigError(f"--chunk-size must be between 1 and {MAX_BATCH_EVENTS}")
-    name = resolve_queue(queue)
-    app = app or make_app(settings)
-    sent = 0
-    try:
-        with app.producer_or_acquire() as producer:
-            if name == LIVE_QUEUE:
-                for event in _events(refs):
-                    app.send_task(INGEST_TASK, args=[event], queue=name, producer=producer)
-                    sent += 1
-            else:
-                for chunk in chunked(_events(refs), chunk_size):
-                    app.send_task(INGEST_BATCH_TASK, args=[chunk], queue=name, producer=producer)
-                    sent += 1
-    except Exception as err:
-        if _is_connection_error(err):
-            raise ConfigError(_unreachable(settings, err)) from None
-        raise
-    return sent
-
-
-def _is_connection_error(err: BaseException) -> bool:
-    import kombu.exceptions
-    import redis.exceptions
-
-    return isinstance(err, kombu.exceptions.OperationalError | redis.exceptions.ConnectionError | ConnectionError)
-
-
-def _unreachable(settings: Settings, err: BaseException) -> str:
-    from workers.config import as_worker_settings, mask_url
-
-    return (f"cannot reach the broker at {mask_url(as_worker_settings(settings).broker)} ({type(err).__name__}); "
-            "start Redis or set LOOKALIKE_BROKER_URL")
 
 
 def _settings(app: AppContext, **more: Any) -> WorkerSettings:
@@ -227,8 +169,8 @@ def dl_list(app: AppContext, limit: int, as_json: bool) -> None:
         store = _dead(settings)
         entries, total = store.list(limit=limit), store.count()
     except Exception as err:
-        if _is_connection_error(err):
-            raise ConfigError(_unreachable(settings, err)) from None
+        if is_connection_error(err):
+            raise ConfigError(unreachable(settings, err)) from None
         raise
     if as_json:
         echo_json({"total": total, "entries": [e.to_dict() for e in entries]})
@@ -311,9 +253,9 @@ def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> di
         replies = make_app(settings).control.ping(timeout=ping_timeout) or []
         out["workers"] = sorted(name for reply in replies for name in reply)
     except Exception as err:
-        if not _is_connection_error(err):
+        if not is_connection_error(err):
             raise
-        out["broker_error"] = _unreachable(settings, err)
+        out["broker_error"] = unreachable(settings, err)
     try:
         from search.store import open_store
 
@@ -368,4 +310,4 @@ def register(group: click.Group) -> None:
         group.add_command(cmd)
 
 
-__all__ = ["collect_status", "enqueue_refs", "register"]
+__all__ = ["collect_status", "register"]

@@ -157,7 +157,7 @@ class BrokerSink:
 
     def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
         refs = refs_for(paths, labels_from_dirs, self.source)
-        from workers.cli import enqueue_refs
+        from workers.producer import enqueue_refs
 
         enqueue_refs(refs, self.settings, queue=self.queue, app=self.app)
         for p in paths:

@@ -52,7 +52,7 @@ def _say(message: str) -> None:
 def draft_size(embedder: Embedder) -> tuple[int, int]:
     from ingest.pipeline import DEFAULT_DRAFT
 
-    return tuple(getattr(embedder, "draft_size", None) or DEFAULT_DRAFT)  # type: ignore[return-value]
+    return tuple(embedder.draft_size or DEFAULT_DRAFT)  # type: ignore[return-value]
 
 
 def cache_key(embedder: Embedder) -> dict[str, Any]:

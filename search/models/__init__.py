@@ -35,6 +35,7 @@ Adding a model is one new module that defines a ``ModelFamily`` and one entry po
 Modules, each importing only those above it (torch and sentence-transformers load inside functions, and
 ``efficientnet_module`` — the one module that imports torch at its top — only on first use):
 
+    protocol                the Embedder protocol (what the rest of lookalike needs of a model)
     base                    BaseEmbedder, normalise, one_line, folder_digest, quiet_transformers
     registry                ModelFamily, ModelRow, families, get_embedder, clear_embedders      ← base
     efficientnet_options    variants, preprocessing options and their version string
@@ -46,7 +47,7 @@ Modules, each importing only those above it (torch and sentence-transformers loa
     combine                 ConcatEmbedder, the a+b family                           ← base, registry
     folders                 the saved-folder family                    ← heads, sentence_transformer, ...
     cli                     ``lookalike models`` (a ``lookalike.commands`` entry point) ← registry, search.cli
-    (this package)          the Embedder protocol, and the modules' public names, each imported on first
+    (this package)          the modules' public names, each imported on first
                             access (PEP 562): ``lookalike --help`` imports ``search.models.cli`` and with it
                             this package, which then loads nothing else
 """
@@ -54,19 +55,15 @@ Modules, each importing only those above it (torch and sentence-transformers loa
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    import numpy as np
-    from PIL import Image
-
     from search.models.base import BaseEmbedder, folder_digest
     from search.models.combine import ConcatEmbedder
     from search.models.efficientnet import EfficientNetEmbedder, build_efficientnet
     from search.models.efficientnet_options import builtin_models
     from search.models.heads import INFO_FILE, DenseLayer, HeadEmbedder, load_head, read_model_info
+    from search.models.protocol import Embedder
     from search.models.registry import (
         ENTRY_POINT_GROUP,
         ModelFamily,
@@ -79,37 +76,6 @@ if TYPE_CHECKING:
         register_family,
     )
     from search.models.sentence_transformer import SentenceTransformerEmbedder
-    from search.schema import CollectionMeta
-
-
-@runtime_checkable
-class Embedder(Protocol):
-    """What the rest of lookalike needs of a model; every family's ``load`` returns one.
-
-    ``BaseEmbedder`` implements it for anything built on a SentenceTransformer; a third-party embedder may
-    implement it from scratch.
-    """
-
-    name: str  # the name it was loaded by (collections record it)
-    dim: int  # length of every vector
-    preprocessing: str  # version of everything between decoded image and vector: changes whenever vectors would
-    supports_text: bool  # embed_texts works (CLIP); otherwise it raises ModelError with a hint
-    draft_size: tuple[int, int] | None  # a JPEG decoder may downscale (DCT) to at least this size; None: don't
-
-    def prepare(self, image: Image.Image) -> Any:
-        """The CPU part for one decoded image (thread-safe: decode threads run it)."""
-
-    def embed_prepared(self, items: Sequence[Any]) -> np.ndarray:
-        """Prepared items → (N, dim) float32, L2-normalised rows; (0, dim) for no items."""
-
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """``embed_prepared`` of ``prepare`` of each image."""
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts → vectors in the image space (only when ``supports_text``)."""
-
-    def meta(self) -> CollectionMeta:
-        """What a collection built with this model records (name, dim, preprocessing, kind)."""
 
 
 # name → module that defines it; loaded on first access (PEP 562), so ``import search.models`` stays cheap.
@@ -122,9 +88,10 @@ _EXPORTS: dict[str, str] = {
     "SentenceTransformerEmbedder": "sentence_transformer",
     **dict.fromkeys(("INFO_FILE", "DenseLayer", "HeadEmbedder", "load_head", "read_model_info"), "heads"),
     "ConcatEmbedder": "combine",
+    "Embedder": "protocol",
 }
 _SUBMODULES = frozenset({"base", "cli", "combine", "efficientnet", "efficientnet_module", "efficientnet_options",
-                         "folders", "heads", "registry", "sentence_transformer"})
+                         "folders", "heads", "protocol", "registry", "sentence_transformer"})
 
 
 def __getattr__(name: str) -> Any:

@@ -15,7 +15,7 @@ from search.models.registry import ORDER_COMBINE, ModelFamily, ModelRow, get_emb
 if TYPE_CHECKING:
     from PIL import Image
 
-    from search.models import Embedder
+    from search.models.protocol import Embedder
 
 
 class ConcatEmbedder(BaseEmbedder):

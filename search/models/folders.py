@@ -17,7 +17,7 @@ from search.models.registry import ORDER_FOLDERS, ModelFamily, ModelRow
 from search.models.sentence_transformer import PREPROCESSING, from_model, load_folder
 
 if TYPE_CHECKING:
-    from search.models import Embedder
+    from search.models.protocol import Embedder
 
 
 def saved_models_dir(settings: Settings) -> Path:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from PIL import Image
     from sentence_transformers import SentenceTransformer
 
-    from search.models import Embedder
+    from search.models.protocol import Embedder
 
 INFO_FILE = "lookalike.json"  # written next to a model saved by ``lookalike finetune``
 

@@ -21,7 +21,7 @@ from search.errors import ModelError
 from search.models.base import one_line
 
 if TYPE_CHECKING:
-    from search.models import Embedder
+    from search.models.protocol import Embedder
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from search.models.registry import ORDER_HUB, ModelFamily, ModelRow
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from search.models import Embedder
+    from search.models.protocol import Embedder
 
 PREPROCESSING = "st-v1"  # hub models: the name pins the processor; folders add their content digest
 

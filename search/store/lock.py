@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from search.errors import StoreLocked
 
 if TYPE_CHECKING:
-    from search.store.edge import EdgeStore
+    from search.store.base import Store
 
 LOCK_FILE = ".lock"
 
@@ -76,8 +76,8 @@ class _Registry:
     def __init__(self) -> None:
         self.mutex = threading.RLock()
         self.locks: dict[Path, _DirLock] = {}
-        self.stores: dict[Path, EdgeStore] = {}
-        self.orphans: list[EdgeStore] = []  # a forked child's copies of the parent's stores, kept alive: see below
+        self.stores: dict[Path, Store] = {}
+        self.orphans: list[Store] = []  # a forked child's copies of the parent's stores, kept alive: see below
 
     def release(self, lock: _DirLock) -> None:
         """Drop one reference to ``lock``; forget it once nobody holds it."""
