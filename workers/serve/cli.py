@@ -38,12 +38,21 @@ def serve(app: AppContext, host: str, port: int, watch_dirs: tuple[Path, ...], a
     """
     import uvicorn
 
+    from search.errors import LookalikeError
     from workers.serve.api import create_app
+    from workers.serve.service import Service
     from workers.serve.settings import ServeSettings
 
     settings = app.settings(ServeSettings, host=host, port=port, allow_public=allow_public or None)
     settings.check_bind()
-    web = create_app(settings)
+    service = Service(settings)
+    web = create_app(settings, service=service, start=False)
+    # Load the model and open the store before listening: a store owned by another process or a model that
+    # cannot load is a one-line error now, not a server that answers 503 forever.
+    click.echo(f"loading {settings.model} …", err=True)
+    service.start(wait=True)
+    if service.error is not None:
+        raise LookalikeError(service.error)
     if watch_dirs:
         _watch(web.state.service, settings, watch_dirs)
     click.echo(f"lookalike serving on http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", err=True)
