@@ -1,4 +1,5 @@
-"""``lookalike backfill`` (registered on the root group by entry point): getting images in."""
+"""Getting images in and keeping them in step: ``backfill``, ``tag``, ``reconcile``, ``delete`` (registered on
+the root group by entry point)."""
 
 from __future__ import annotations
 
@@ -129,8 +130,79 @@ def tag_cmd(app: AppContext, prompts: Path | None, restart: bool, include_labell
                    + (f"; {stats.skipped} done by the interrupted run" if stats.resumed else ""))
 
 
+@click.command()
+@click.argument("roots", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--labels-from-dirs", is_flag=True, help="Label new images with their parent folder's name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@pass_app
+@handle_errors
+def reconcile(app: AppContext, roots: tuple[Path, ...], dry_run: bool, labels_from_dirs: bool, as_json: bool) -> None:
+    """Bring the index in step with the files under ROOTS: remove uris whose file is gone, follow moves by
+    hash (nothing re-embedded), ingest new and changed files. Never writes to the image store; safe to
+    interrupt and run again. Uris outside ROOTS are left alone."""
+    from ingest.pipeline import Pipeline
+    from ingest.reconcile import reconcile as run
+    from ingest.sources import ImageRef
+
+    settings = app.settings()
+    with Pipeline(settings, source="reconcile") as pipeline:
+
+        def ingest(paths: list[str]) -> dict[str, int]:
+            refs = [ImageRef(p, (Path(p).parent.name,) if labels_from_dirs else (), "reconcile") for p in paths]
+            stats = pipeline.run(refs, progress=not as_json, total=len(refs))
+            return {k: v for k, v in stats.to_dict().items() if k in ("indexed", "present", "updated", "failed")}
+
+        report = run(pipeline.store, roots, settings, dry_run=dry_run, lock=pipeline.content_lock, ingest=ingest,
+                     warn=lambda line: click.echo(line, err=True))
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    verb = "would change" if dry_run else "changed"
+    click.echo(f"{report.files} files under {', '.join(report.roots)}, {report.points} points scanned "
+               f"({report.hashed} files hashed, {report.unreadable} unreadable) in {report.seconds:.1f} s")
+    click.echo(f"{verb}: " + ", ".join(f"{k} {report.counts[k]}" for k in report.counts)
+               + f"; points deleted {report.deleted}")
+    for kind, items in report.examples.items():
+        for item in items[:5]:
+            click.echo(f"  {kind:<8} {item.get('from', item.get('uri'))}" + (f" -> {item['to']}" if "to" in item
+                                                                             else ""))
+    if report.ingested:
+        click.echo("ingested: " + ", ".join(f"{k} {v}" for k, v in report.ingested.items()))
+
+
+@click.command()
+@click.option("--id", "ids", multiple=True, help="Delete this point (repeatable).")
+@click.option("--uri", "uris", multiple=True, help="Forget this location; a point left without one is deleted.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@handle_errors
+def delete(app: AppContext, ids: tuple[str, ...], uris: tuple[str, ...], as_json: bool) -> None:
+    """Remove points by id, or locations by uri, from the index (the files are not touched)."""
+    import uuid
+
+    from ingest.pipeline import Pipeline
+
+    if not (ids or uris):
+        raise click.UsageError("give --id and/or --uri")
+    for value in ids:
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a point id (a UUID)", param_hint="--id") from None
+    with Pipeline(app.settings()) as pipeline:
+        done = pipeline.forget(list(uris)) + pipeline.delete_ids(list(ids))
+    if as_json:
+        echo_json([{"target": r.target, "status": r.status, "ids": r.ids} for r in done])
+        return
+    for r in done:
+        click.echo(f"{r.status:<8} {r.target}" + (f" ({', '.join(r.ids)})" if r.ids and r.ids != [r.target] else ""))
+
+
 def register(group: click.Group) -> None:
     group.add_command(backfill)
+    group.add_command(reconcile)
+    group.add_command(delete)
     group.add_command(tag_cmd)
 
 

@@ -36,6 +36,7 @@ from search.schema import PointRecord, build_payload, point_id, sha256_hex
 from search.store import StoreUser
 
 if TYPE_CHECKING:
+    from ingest.removal import Removal
     from ingest.sources import ImageRef
     from search.models import Embedder
     from search.store import Store
@@ -360,6 +361,31 @@ class Pipeline(StoreUser):
                     report_file.flush()
         bar.update(len(items))
         return report_file
+
+    @property
+    def content_lock(self) -> Callable[[Sequence[str]], AbstractContextManager[Any]] | None:
+        """The lock every writer of this pipeline's store takes around read-merge-write of point ids."""
+        return self._content_lock
+
+    def forget(self, uris: Sequence[str]) -> list[Removal]:
+        """Remove these locations from the index (a point left without one is deleted): ``op: delete``."""
+        from ingest.removal import Removal, forget_uris
+
+        if not uris or not self._collection_exists():
+            return [Removal(u, "absent") for u in uris]
+        return forget_uris(self.store, uris, lock=self._content_lock)
+
+    def delete_ids(self, ids: Sequence[str]) -> list[Removal]:
+        """Delete points by id, whatever their uris."""
+        from ingest.removal import Removal, delete_ids
+
+        if not ids or not self._collection_exists():
+            return [Removal(i, "absent") for i in ids]
+        return delete_ids(self.store, ids, lock=self._content_lock)
+
+    def _collection_exists(self) -> bool:
+        self._exists = self._exists or self.store.meta() is not None
+        return bool(self._exists)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
