@@ -83,6 +83,7 @@ class Settings(BaseLookalikeSettings):
     max_pixels: int = 40_000_000  # decompression-bomb guard
     max_bytes: int = 50_000_000
     allowed_roots: PathList = ()
+    allow_hardlinks: bool = False  # read files with several hard links under allowed_roots (search.reading)
     fetch_urls: bool = False
     fetch_timeout: float = 10.0
     fetch_allow_networks: TextList = ()  # CIDRs fetched from although not public, e.g. an internal image host

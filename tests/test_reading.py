@@ -130,6 +130,139 @@ def test_allowed_root_given_through_a_symlink(tmp_path: Path) -> None:
     assert read_bytes(str(tmp_path / "link" / "a.jpg"), settings)
 
 
+@pytest.fixture(params=["openat2", "walk", "walk-without-O_PATH"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way ``read_bytes`` opens beneath a root: the kernel's openat2, the per-component walk where the
+    kernel (or a container's seccomp filter) has no openat2, and the walk where O_PATH/proc are missing."""
+    if request.param == "openat2":
+        if reading._openat2_syscall() is None:
+            pytest.skip("openat2 is not available here")
+    else:
+        monkeypatch.setitem(reading._openat2_state, "fn", None)
+    if request.param == "walk-without-O_PATH":
+        monkeypatch.setattr(reading, "_pin_flags", lambda: reading._READ_FLAGS)
+    return request.param
+
+
+def _swap_forever(folder: Path, target: Path, stop: threading.Event) -> None:
+    """Swap ``folder`` with a symlink to ``target`` and back, as fast as renames go, until ``stop``."""
+    parked, link = folder.with_name(folder.name + ".real"), folder.with_name(folder.name + ".link")
+    link.symlink_to(target, target_is_directory=True)
+    while not stop.is_set():
+        os.rename(folder, parked)
+        os.rename(link, folder)  # `folder` is now a symlink to outside the root
+        os.rename(folder, link)
+        os.rename(parked, folder)
+
+
+def test_swapping_a_parent_folder_for_a_symlink_never_reads_outside_the_roots(tmp_path: Path, resolver: str) -> None:
+    """The race O_NOFOLLOW alone loses: realpath() checks root/sub/x.jpg while `sub` is a folder, then
+    `sub` becomes a symlink to outside before the open, and the open follows it (O_NOFOLLOW only guards the
+    last component). Every read must be the inside file or a SourceError, never the outside file."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    inside_bytes = f.noise(root / "sub" / "x.jpg", seed=1).read_bytes()
+    secret_bytes = f.noise(outside / "x.jpg", seed=2).read_bytes()
+    settings = Settings(allowed_roots=(root,))
+    uri = str(root / "sub" / "x.jpg")
+    seen = {"inside": 0, "outside": 0, "refused": 0}
+    reasons: set[str] = set()
+    unexpected: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        for _ in range(1500):
+            try:
+                data = read_bytes(uri, settings)
+            except SourceError as err:
+                seen["refused"] += 1
+                reasons.add(err.reason)
+                continue
+            except BaseException as err:  # a raw FileNotFoundError/OSError is a bug too
+                unexpected.append(err)
+                continue
+            seen["inside" if data == inside_bytes else "outside" if data == secret_bytes else "?"] += 1
+
+    swapper = threading.Thread(target=_swap_forever, args=(root / "sub", outside, stop), daemon=True)
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    swapper.start()
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    stop.set()
+    swapper.join()
+    assert unexpected == []
+    assert seen["outside"] == 0, seen
+    assert seen["refused"] > 0 and seen.get("?", 0) == 0, seen  # the race did happen, and was refused
+    assert reasons <= {"no such file", OUTSIDE, reading._RACE, "no such file (a parent is not a folder)",
+                       f"{reading._RACE} (the path led {OUTSIDE})", f"{reading._RACE} (it now lies {OUTSIDE})"}, reasons
+
+
+def test_a_symlink_planted_in_place_of_the_file_is_refused(tmp_path: Path, resolver: str) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    f.solid(root / "a.jpg")
+    f.solid(outside / "secret.jpg")
+    settings = Settings(allowed_roots=(root,))
+    # What the reader would meet if the file became a link between realpath() and the open: simulate by
+    # resolving beneath the root a path whose last component is a link.
+    (root / "b.jpg").symlink_to(outside / "secret.jpg")
+    with pytest.raises(SourceError) as err:
+        reading._open_local(str(root / "b.jpg"), root / "b.jpg", settings)
+    assert err.value.reason == OUTSIDE  # realpath saw it: refused before any open
+    with pytest.raises(SourceError) as err:
+        fd = reading._open_beneath("b", root, ("b.jpg",), reading._pin_flags())
+        try:
+            reading._check_file("b", os.fstat(fd))
+        finally:
+            os.close(fd)
+    assert err.value.reason.startswith(reading._RACE)
+
+
+def test_hard_links_under_the_roots_are_refused_unless_allowed(tmp_path: Path, resolver: str) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    secret = f.noise(outside / "secret.jpg", seed=3)
+    os.link(secret, root.mkdir(parents=True) or root / "planted.jpg")  # same file system: tmp_path
+    f.solid(root / "plain.jpg")
+    settings = Settings(allowed_roots=(root,))
+    reason = _reason(str(root / "planted.jpg"), settings)
+    assert reason.startswith("has 2 hard links") and "LOOKALIKE_ALLOW_HARDLINKS=1" in reason
+    assert read_bytes(str(root / "plain.jpg"), settings)  # one link: fine
+    allowed = Settings(allowed_roots=(root,), allow_hardlinks=True)
+    assert read_bytes(str(root / "planted.jpg"), allowed) == secret.read_bytes()
+    assert read_bytes(str(root / "planted.jpg"), Settings()) == secret.read_bytes()  # no roots: no policy
+
+
+def test_special_files_are_refused_without_being_opened_for_reading(tmp_path: Path, resolver: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pipe.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "sock.jpg"))
+        for settings in (Settings(), Settings(allowed_roots=(root,))):
+            assert _reason(str(root / "pipe.jpg"), settings) == "not a regular file"
+            reason = _reason(str(root / "sock.jpg"), settings)
+            assert reason in ("not a regular file", "cannot read: No such device or address"), reason
+    finally:
+        sock.close()
+    assert _reason("/dev/null", Settings()) == "not a regular file"
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/a%00b.jpg", "/tmp/a\x00b.jpg", "/tmp/\ud800.jpg", "file:///%ED%A0%80",
+                                 "~no-such-user-here/a.jpg", "/" + "a" * 5000 + ".jpg", "file://[::1/a.jpg"])
+def test_hostile_paths_are_a_source_error(uri: str, tmp_path: Path) -> None:
+    for settings in (Settings(), Settings(allowed_roots=(tmp_path,))):
+        with pytest.raises(SourceError):
+            read_bytes(uri, settings)
+    assert local_path(uri) is None or isinstance(local_path(uri), Path)
+
+
+def test_percent_escapes_name_the_bytes_of_a_file_name(tmp_path: Path) -> None:
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
+    path = f.solid(tmp_path / name)
+    assert read_bytes(f"file://{tmp_path}/caf%E9.jpg", Settings()) == path.read_bytes()
+
+
 # -------------------------------------------------------------------------------------------------- URLs
 
 
