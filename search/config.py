@@ -82,6 +82,7 @@ class Settings(BaseLookalikeSettings):
     # -- reading and decoding untrusted images
     max_pixels: int = 40_000_000  # decompression-bomb guard
     max_bytes: int = 50_000_000
+    max_decode_mb: int = 512  # memory one decode may hold (search.images.decode_budget), whatever the file size
     allowed_roots: PathList = ()
     allow_hardlinks: bool = False  # read files with several hard links under allowed_roots (search.reading)
     fetch_urls: bool = False
@@ -130,6 +131,8 @@ class Settings(BaseLookalikeSettings):
     def _check(self) -> Settings:
         if self.batch_size < 1:
             raise ValueError("LOOKALIKE_BATCH_SIZE must be at least 1")
+        if self.max_decode_mb < 1:
+            raise ValueError("LOOKALIKE_MAX_DECODE_MB must be at least 1")
         if not 0.0 <= self.tag_threshold <= 1.0:
             raise ValueError("LOOKALIKE_TAG_THRESHOLD must be between 0 and 1")
         return self

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from search.errors import ImageError
-from search.images import Decoded, decode
+from search.images import Decoded, decode, decode_budget
 from tests import imagefactory as f
 
 DEFAULT_MAX = 40_000_000  # Settings.max_pixels
@@ -254,3 +254,104 @@ def test_decode_is_thread_safe(tmp_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(3):
             assert list(pool.map(run, datas * 4)) == serial * 4
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def test_decode_memory_is_bounded_before_decoding(tmp_path: Path) -> None:
+    path = f.float_tiff(tmp_path / "f.tif", block=200)  # 800 x 200 floats
+    need = decode_budget("F", "TIFF", 800, 200)
+    reason = _reason(path, max_decode_bytes=need - 1)
+    assert reason.startswith("too large to decode: 800×200 F pixels need about") and reason.endswith(
+        "MB limit (LOOKALIKE_MAX_DECODE_MB)")
+    assert _decode(path, max_decode_bytes=need).width == 800
+    # A JPEG decoded at 1/8 scale needs 1/64 of the memory: the budget is taken after the draft.
+    jpeg = f.large_jpeg(tmp_path / "big.jpg", size=(2000, 1500))
+    cap = decode_budget("RGB", "JPEG", 500, 375)
+    assert "LOOKALIKE_MAX_DECODE_MB" in _reason(jpeg, max_decode_bytes=cap)
+    assert _decode(jpeg, max_decode_bytes=cap, draft=(224, 224)).width == 2000
+
+
+def _wide_reference(arr: np.ndarray) -> np.ndarray:
+    """The whole-image conversion the decoder had before it worked in tiles (float64, one piece)."""
+    finite = np.isfinite(arr)
+    arr = np.where(finite, arr.astype(np.float64), 0.0)
+    lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+    scaled = arr * 255.0 if lo >= 0.0 and hi <= 1.0 else (arr - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def test_tiled_conversion_equals_the_whole_image_conversion(tmp_path: Path) -> None:
+    """Big enough for several tiles in both directions (tiles are 2048 wide, 256 K pixels)."""
+    rng = np.random.default_rng(0)
+    h, w = 300, 2500
+    floats = (rng.normal(0, 3, (h, w))).astype(np.float32)
+    floats[5, 7], floats[100, 2400], floats[299, 0] = np.nan, np.inf, -np.inf
+    out = _decode(f._save(Image.fromarray(floats, "F"), tmp_path / "f.tif", "TIFF"))
+    assert np.array_equal(np.asarray(out.image)[..., 0], _wide_reference(floats))
+    ints = rng.integers(-5000, 70000, (h, w), dtype=np.int32)
+    out = _decode(f._save(Image.fromarray(ints, "I"), tmp_path / "i.tif", "TIFF"))
+    lo, hi = int(ints.min()), int(ints.max())
+    expected = np.clip(np.floor(ints * (255 / (hi - lo)) + (-lo * 255 / (hi - lo) + 0.5)), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(out.image)[..., 0], expected)
+    rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    out = _decode(f._save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png", "PNG"))
+    src = Image.fromarray(rgba, "RGBA")
+    whole = Image.new("RGB", src.size, f.WHITE)
+    whole.paste(src, mask=src.getchannel("A"))
+    assert np.array_equal(np.asarray(out.image), np.asarray(whole))
+    cmyk = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    out = _decode(f._save(Image.fromarray(cmyk, "CMYK"), tmp_path / "k.tif", "TIFF"))
+    assert np.array_equal(np.asarray(out.image), np.asarray(Image.fromarray(cmyk, "CMYK").convert("RGB")))
+
+
+_PEAK_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from search.images import decode
+import numpy  # the float path imports it: not part of the decode's peak
+
+def hwm_kb():  # this process's peak resident memory (VmHWM), reset below to what it holds now
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+data = open(sys.argv[2], "rb").read()
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = hwm_kb()
+out = decode(data, "x", max_pixels=int(sys.argv[3]))
+print((hwm_kb() - before) * 1024, out.width * out.height)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak memory")
+@pytest.mark.parametrize("case", ["float-tiff", "int32-tiff", "rgba-png", "rgba-webp"])
+def test_peak_decode_memory_stays_within_the_budget(tmp_path: Path, case: str) -> None:
+    """A small file near the pixel cap, decoded in a fresh process: the peak resident memory it adds stays
+    within decode_budget. The 478 KB float TIFF of 40 MP used to peak at 1.4 GB (float64 copies); the
+    budget for it is 8 bytes per pixel."""
+    import subprocess
+    import sys
+
+    side = 2000  # 4 MP near a 4.5 MP cap: the decode, not the interpreter, dominates the peak
+    band = np.repeat(np.linspace(0.0, 1.0, 8, dtype=np.float32), side // 8)  # flat bands: a small file
+    path = tmp_path / {"float-tiff": "f.tif", "int32-tiff": "i.tif", "rgba-png": "a.png", "rgba-webp": "a.webp"}[case]
+    if case == "float-tiff":
+        Image.fromarray(np.tile(band, (side, 1)), "F").save(path, compression="tiff_adobe_deflate")
+    elif case == "int32-tiff":
+        Image.fromarray(np.tile((band * 1e6).astype(np.int32), (side, 1)), "I").save(
+            path, compression="tiff_adobe_deflate")
+    else:
+        Image.new("RGBA", (side, side), (10, 20, 30, 128)).save(path, lossless=True)
+    assert path.stat().st_size < 200_000
+    with Image.open(path) as img:
+        budget = decode_budget(img.mode, img.format, *img.size)
+    repo = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, repo, str(path), "4500000"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    peak, pixels = (int(x) for x in proc.stdout.split())
+    assert pixels == side * side
+    assert peak <= budget, f"peak {peak / 2**20:.0f} MB over the {budget / 2**20:.0f} MB budget"
+    if case != "rgba-webp":  # libwebp's canvases make WebP the one format above two images' worth
+        assert peak <= pixels * 8 + 16 * 2**20, f"peak {peak / 2**20:.0f} MB for {pixels / 1e6:.0f} MP"
