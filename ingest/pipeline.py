@@ -11,7 +11,9 @@ Why this shape:
   upserting hide behind inference (the network releases the GIL).
 * Input problems become ``Outcome(status="failed")`` with a one-line reason and the batch goes on; a store
   that cannot be reached raises ``StoreUnavailable`` so callers (workers) can retry the whole batch —
-  retrying is safe because every write is keyed by content.
+  retrying is safe because every write is keyed by content. Nothing one input holds may fail the others:
+  a ref whose strings cannot be stored (``ingest.sources.check_ref``) fails before it is read, any error
+  while reading or decoding is that input's, and copies of bytes that fail to decode fail with them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from search.config import Settings, get_settings
-from search.errors import ImageError
+from search.errors import ImageError, printable
 from search.schema import PointRecord, build_payload, point_id, sha256_hex
 from search.store import StoreUser
 
@@ -168,16 +170,21 @@ class Pipeline(StoreUser):
 
     # -- stages ------------------------------------------------------------------------------------
     def _read(self, ref: ImageRef) -> _Item:
+        from ingest.sources import check_ref
         from search.reading import read_bytes
 
         item = _Item(ref=ref, outcome=Outcome(uri=ref.uri, status="failed"))
         t0 = time.perf_counter()
         try:
+            if (problem := check_ref(ref)) is not None:  # the store would refuse its payload, and the batch's
+                raise ImageError(ref.uri, problem)
             data = read_bytes(ref.uri, self.settings)
         except ImageError as err:
             item.outcome.reason = err.reason
         except OSError as err:  # anything read_bytes did not classify
-            item.outcome.reason = f"cannot read: {err.strerror or err}"
+            item.outcome.reason = printable(f"cannot read: {err.strerror or err}")
+        except Exception as err:  # a reader bug must not fail the other inputs of the batch
+            item.outcome.reason = printable(f"cannot read: {type(err).__name__}: {err}")
         else:
             item.data, item.size, item.sha = data, len(data), sha256_hex(data)
             item.outcome.id = point_id(item.sha)
@@ -192,7 +199,8 @@ class Pipeline(StoreUser):
         assert item.data is not None
         embedder = self._embedder
         decoded = decode(item.data, item.ref.uri, max_pixels=self.settings.max_pixels,
-                         draft=(embedder.draft_size if embedder is not None else None) or DEFAULT_DRAFT)
+                         draft=(embedder.draft_size if embedder is not None else None) or DEFAULT_DRAFT,
+                         max_decode_bytes=self.settings.max_decode_mb * 2**20)
         t1 = time.perf_counter()
         prepared = embedder.prepare(decoded.image) if embedder is not None else decoded.image
         item.outcome.timings["decode"] = time.perf_counter() - t0
@@ -221,6 +229,8 @@ class Pipeline(StoreUser):
                 it.outcome.status = "indexed"
                 new.append(it)
                 continue
+            if pid in pending:  # a copy of bytes not stored yet: it shares their fate if they fail to decode
+                pending[pid].setdefault("followers", []).append(it)
             uris = _merge(payload.get("uris"), [it.ref.uri])
             labels = _merge(payload.get("labels"), it.ref.labels)
             if uris != list(payload.get("uris") or []) or labels != list(payload.get("labels") or []):
@@ -244,13 +254,13 @@ class Pipeline(StoreUser):
             assert it.prepared is not None
             try:
                 prepared, is_prepared, info = it.prepared.result()
-            except ImageError as err:
-                it.outcome.status, it.outcome.reason = "failed", err.reason
-                pending.pop(it.outcome.id or "", None)
-                continue
-            except Exception as err:  # a decoder bug must not kill the batch; report it as this file's failure
-                it.outcome.status, it.outcome.reason = "failed", f"cannot decode: {type(err).__name__}: {err}"
-                pending.pop(it.outcome.id or "", None)
+            except Exception as err:  # ImageError, or a decoder bug: this file's failure, never the batch's
+                reason = err.reason if isinstance(err, ImageError) else f"cannot decode: {type(err).__name__}: {err}"
+                it.outcome.status, it.outcome.reason = "failed", printable(reason)
+                # Other copies of these bytes (this call or a later batch) merged into this point: they fail
+                # too, with the same reason, rather than report an "updated" point that was never stored.
+                for follower in pending.pop(it.outcome.id or "", {}).get("followers", []):
+                    follower.outcome.status, follower.outcome.reason = "failed", it.outcome.reason
                 continue
             decoded.append((it, prepared, is_prepared, info))
         if not decoded:
@@ -347,7 +357,7 @@ class Pipeline(StoreUser):
             for stage, secs in it.outcome.timings.items():
                 stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + secs
             if it.outcome.status == "failed":
-                line = f"skipping {it.ref.uri}: {it.outcome.reason}"
+                line = f"skipping {printable(it.ref.uri)}: {printable(it.outcome.reason)}"
                 if bar.disable:
                     log.warning(line)
                 else:
@@ -357,7 +367,8 @@ class Pipeline(StoreUser):
                         report.parent.mkdir(parents=True, exist_ok=True)
                         report_file = report.open("w", encoding="utf-8")
                         report_file.write("uri\treason\n")
-                    report_file.write(f"{it.ref.uri}\t{it.outcome.reason}\n")
+                    # printable escapes tabs and newlines: a name cannot add a column or a row
+                    report_file.write(f"{printable(it.ref.uri)}\t{printable(it.outcome.reason)}\n")
                     report_file.flush()
         bar.update(len(items))
         return report_file

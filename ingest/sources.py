@@ -3,18 +3,28 @@
 ``iter_refs`` turns command-line paths into references, reporting bad entries through ``on_error`` and
 going on. Reading the bytes of one reference is ``search.reading.read_bytes`` (shared with the query path),
 where the safety rules live.
+
+Every entry is judged on its own: a manifest row or a folder entry that cannot become a storable
+``ImageRef`` is reported (location and reason, both made ``printable``) and the rest go on. A row is held
+to the event contract's bounds (``workers.events``: at most 64 labels of at most 256 characters, a uri of
+at most 4096), and every string must be storable text: no NUL, no lone surrogate (a file name whose bytes
+are not UTF-8 cannot go into a JSON payload). Special files (FIFOs, sockets, devices) named like images are
+reported, never opened.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from search.errors import SourceError
+from search.errors import SourceError, printable
 from search.reading import to_path, uri_scheme
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageRef", "SourceError", "iter_refs"]
@@ -22,6 +32,12 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageRef", "SourceError", "iter_refs"]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = frozenset({".csv", ".jsonl", ".ndjson"})
 OnError = Callable[[str, str], None]
+
+# The event contract's bounds (workers.events), so a manifest row can carry no more than an event can.
+MAX_URI_CHARS = 4096
+MAX_LABELS = 64
+MAX_TEXT_CHARS = 256  # one label or source
+MAX_LINE_CHARS = 1 << 20  # one JSONL line; a longer one is reported without being held in memory
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,7 @@ def iter_refs(
     def report(location: str, reason: str) -> None:
         if on_error is None:
             raise SourceError(location, reason)
-        on_error(location, reason)
+        on_error(printable(location), printable(reason))  # both end up in logs, terminals and TSV reports
 
     for raw in paths:
         text = os.fspath(raw)
@@ -75,23 +91,81 @@ def iter_refs(
             continue
         try:
             path = to_path(text)
+            st = _stat(path)
         except ValueError as exc:
             report(text, str(exc))
             continue
-        if path.is_dir():
+        except OSError as exc:  # a name too long, a permission denied on a parent, ...
+            report(text, f"cannot stat: {exc.strerror or exc}")
+            continue
+        if st is not None and stat.S_ISDIR(st.st_mode):
             for file in _walk(path, report):
-                yield _ref(file, (), source, labels_from_dirs)
-        elif path.is_file():
+                yield from _checked(_ref(file, (), source, labels_from_dirs), str(file), report)
+        elif st is not None and stat.S_ISREG(st.st_mode):
             if path.suffix.lower() in MANIFEST_EXTENSIONS:
                 yield from _read_manifest(path, source, labels_from_dirs, report)
             else:
-                yield _ref(path, (), source, labels_from_dirs)
+                yield from _checked(_ref(path, (), source, labels_from_dirs), str(path), report)
+        elif st is not None:
+            report(str(path), f"not a regular file or folder ({_kind(st.st_mode)})")
         elif path.is_symlink():
             report(str(path), "broken symbolic link")
-        elif path.exists():
-            report(str(path), "not a regular file or folder")
         else:
             report(str(path), "no such file or directory")
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """``path``'s stat (symlinks followed), None when nothing is there; other ``OSError``s propagate."""
+    try:
+        return path.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # ELOOP: a link loop reads as broken
+            return None
+        raise
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _checked(ref: ImageRef, location: str, report: OnError) -> Iterator[ImageRef]:
+    """``ref`` if every string in it can be stored, else a report."""
+    reason = check_ref(ref)
+    if reason is None:
+        yield ref
+    else:
+        report(location, reason)
+
+
+def check_ref(ref: ImageRef) -> str | None:
+    """Why ``ref`` cannot be stored as it is (a payload is JSON: no lone surrogates; no NUL; the event
+    contract's bounds), or None. The pipeline asks too, for refs that did not come through ``iter_refs``."""
+    if (reason := _text_problem(ref.uri, "uri", MAX_URI_CHARS)) is not None:
+        return reason
+    if len(ref.labels) > MAX_LABELS:
+        return f"more than {MAX_LABELS} labels ({len(ref.labels)})"
+    for label in ref.labels:
+        if (reason := _text_problem(label, "label", MAX_TEXT_CHARS)) is not None:
+            return reason
+    if ref.source is not None:
+        return _text_problem(ref.source, "source", MAX_TEXT_CHARS)
+    return None
+
+
+def _text_problem(value: str, what: str, limit: int) -> str | None:
+    if len(value) > limit:
+        return f"{what} is longer than {limit} characters"
+    if "\x00" in value:
+        return f"{what} contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{what} is not UTF-8 text (undecodable bytes or a lone surrogate); it cannot be stored"
+    return None
 
 
 def _ref(path: Path, labels: Iterable[str], source: str | None, labels_from_dirs: bool) -> ImageRef:
@@ -137,8 +211,15 @@ def _walk(root: Path, report: OnError) -> Iterator[Path]:
             elif path.suffix.lower() in IMAGE_EXTENSIONS:
                 if is_file:
                     yield path
-                elif entry.is_symlink():
-                    report(str(path), "broken symbolic link")
+                    continue
+                try:
+                    mode = entry.stat().st_mode  # follows a symlink: a link to a FIFO is a FIFO
+                except OSError as exc:
+                    report(str(path), "broken symbolic link" if entry.is_symlink()
+                           else f"cannot stat: {exc.strerror or exc}")
+                    continue
+                # a FIFO, socket or device named like an image: never opened, but said
+                report(str(path), f"not a regular file ({_kind(mode)})")
 
     yield from visit(Path(os.path.abspath(root)))
 
@@ -146,8 +227,9 @@ def _walk(root: Path, report: OnError) -> Iterator[Path]:
 def _read_manifest(manifest: Path, source: str | None, labels_from_dirs: bool, report: OnError) -> Iterator[ImageRef]:
     base = manifest.parent.absolute()
     try:
-        # utf-8-sig: spreadsheets often write a BOM before the header
-        with manifest.open(encoding="utf-8-sig", newline="") as fh:
+        # utf-8-sig: spreadsheets often write a BOM before the header. surrogateescape: a line that is not
+        # UTF-8 is reported on its own (its bytes become lone surrogates, refused by check_ref), not the file.
+        with manifest.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
             if manifest.suffix.lower() == ".csv":
                 rows = _csv_rows(manifest, fh, report)
             else:
@@ -157,9 +239,7 @@ def _read_manifest(manifest: Path, source: str | None, labels_from_dirs: bool, r
                 if isinstance(ref, str):
                     report(location, ref)
                 else:
-                    yield ref
-    except UnicodeDecodeError as exc:
-        report(str(manifest), f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                    yield from _checked(ref, location, report)
     except OSError as exc:
         report(str(manifest), f"cannot read manifest: {exc.strerror or exc}")
 
@@ -203,18 +283,41 @@ def _csv_rows(manifest: Path, fh: Iterable[str], report: OnError) -> Iterator[_R
         if not uri:
             report(location, "empty `uri`")
             continue
-        yield location, uri, cell(row, col_labels).split("|"), cell(row, col_source) or None
+        labels = cell(row, col_labels)
+        if labels.count("|") >= MAX_LABELS:  # refused before splitting 100k labels into a list
+            report(location, f"more than {MAX_LABELS} labels")
+            continue
+        yield location, uri, labels.split("|"), cell(row, col_source) or None
 
 
-def _jsonl_rows(manifest: Path, fh: Iterable[str], report: OnError) -> Iterator[_Row]:
-    for number, line in enumerate(fh, start=1):
+def _lines(fh: IO[str]) -> Iterator[tuple[int, str | None]]:
+    """(line number, line) for each line; None for a line over MAX_LINE_CHARS, which is skipped unread."""
+    number = 0
+    while line := fh.readline(MAX_LINE_CHARS + 1):
+        number += 1
+        if len(line) <= MAX_LINE_CHARS or line.endswith(("\n", "\r")):
+            yield number, line
+            continue
+        while (rest := fh.readline(MAX_LINE_CHARS)) and not rest.endswith(("\n", "\r")):
+            pass
+        yield number, None
+
+
+def _jsonl_rows(manifest: Path, fh: IO[str], report: OnError) -> Iterator[_Row]:
+    for number, line in _lines(fh):
         location = f"{manifest}:{number}"
+        if line is None:
+            report(location, f"line longer than {MAX_LINE_CHARS} characters")
+            continue
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             report(location, f"invalid JSON: {exc.msg}")
+            continue
+        except (ValueError, RecursionError) as exc:  # a number over 4300 digits; nesting deeper than the stack
+            report(location, f"invalid JSON: {type(exc).__name__}: {str(exc)[:80]}")
             continue
         if not isinstance(record, dict):
             report(location, "expected a JSON object with a `uri`")
@@ -229,6 +332,9 @@ def _jsonl_rows(manifest: Path, fh: Iterable[str], report: OnError) -> Iterator[
             labels = []
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             report(location, "`labels` must be a list of strings")
+            continue
+        if len(labels) > MAX_LABELS:
+            report(location, f"more than {MAX_LABELS} labels")
             continue
         if row_source is not None and not isinstance(row_source, str):
             report(location, "`source` must be a string")

@@ -11,9 +11,33 @@
           └── SourceError        a path/URI cannot be read or is not allowed
 
 Messages are one line, say what failed and, where there is one, the flag or variable that fixes it.
+``printable`` makes any text safe to show on one line (logs, terminals, TSV reports); ``ImageError``
+applies it to the uri and reason in its message, since both come from untrusted input.
 """
 
 from __future__ import annotations
+
+import re
+
+# C0/C1 controls (newline, tab, ESC of ANSI sequences), the bidi controls that reorder what a terminal
+# shows (Trojan Source), line/paragraph separators, and lone surrogates (undecodable bytes of a file name,
+# which a UTF-8 stream or log handler would refuse to write).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: object) -> str:
+    """``text`` as one safe line: control characters, bidi controls and lone surrogates become escapes
+    (``\\n``, ``\\t``, ``\\x1b``, ``\\u202e``, ``\\udcff``), so a uri or label cannot forge a log line, a
+    TSV row or a terminal escape. For display only: the result no longer names the file."""
+    value = text if isinstance(text, str) else str(text)
+    return _UNPRINTABLE.sub(_escape, value)
 
 
 class LookalikeError(Exception):
@@ -48,8 +72,9 @@ class ImageError(LookalikeError):
     """One image cannot be used. ``str(err)`` is ``"<uri>: <reason>"``."""
 
     def __init__(self, uri: str, reason: str) -> None:
-        super().__init__(f"{uri}: {reason}")
-        self.uri = uri
+        reason = printable(reason)  # reasons quote inputs (a redirect target, a decoder's message)
+        super().__init__(f"{printable(uri)}: {reason}")
+        self.uri = uri  # as given: callers match it against their inputs
         self.reason = reason
 
 

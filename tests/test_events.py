@@ -37,6 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- events
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def test_valid_event_round_trips() -> None:
     event = make_event("/srv/a.jpg", ["cat", "cat", " pet "], source="uploads", event_id="7", sent_at=12.5)
     assert event == {"version": 1, "uri": "/srv/a.jpg", "labels": ["cat", "pet"], "source": "uploads",
@@ -57,6 +64,7 @@ def test_valid_event_round_trips() -> None:
     ({"version": "1", "uri": "/a.jpg"}, "unsupported version '1'"),
     ({"version": 1}, "missing 'uri'"),
     ({"version": 1, "uri": 5}, "'uri' must be a string"),
+    ({"version": 1, "uri": None}, "'uri' must be a string, not null"),
     ({"version": 1, "uri": ""}, "'uri' is empty"),
     ({"version": 1, "uri": "a.jpg"}, "absolute path"),
     ({"version": 1, "uri": "ftp://h/a.jpg"}, "absolute path"),
@@ -72,6 +80,19 @@ def test_valid_event_round_trips() -> None:
     ({"version": 1, "uri": "/" + "a" * MAX_EVENT_BYTES}, f"larger than {MAX_EVENT_BYTES} bytes"),
     ("x" * (MAX_EVENT_BYTES + 1), f"larger than {MAX_EVENT_BYTES} bytes"),
     (b"\xff\xfe", "not UTF-8"),
+    # hostile input that used to escape as ValueError/UnicodeEncodeError/RecursionError/OverflowError
+    ({"version": 1, "uri": "file:///srv/a%00.jpg"}, "'uri' is not usable: the path contains a NUL byte"),
+    ({"version": 1, "uri": "/srv/\ud800.jpg"}, "'uri' is not valid Unicode text (a lone surrogate)"),
+    ({"version": 1, "uri": "/a.jpg", "labels": ["\udcff"]}, "'label' is not valid Unicode text"),
+    ({"version": 1, "uri": "/a.jpg", "source": "\ud83d"}, "'source' is not valid Unicode text"),
+    ('{"version": 1, "uri": "/a\\ud800.jpg"}', "'uri' is not valid Unicode text"),
+    ({"version": 1, "uri": "file://[::1/a.jpg"}, "'uri' is not usable"),
+    ({"version": 1, "uri": "http://example.com:99999/a.jpg"}, "'uri' is not usable: Port out of range"),
+    ({"version": 1, "uri": "https:///a.jpg"}, "'uri' is a URL without a host"),
+    ("[" * 10_000, "not valid JSON (nested too deeply)"),
+    ('{"version": 1, "uri": "/a.jpg", "sent_at": ' + "1" * 5000 + "}", "not valid JSON (Exceeds the limit"),
+    ('{"version": 1, "uri": "/a.jpg", "sent_at": 1' + "0" * 400 + "}", "'sent_at' must be UNIX seconds"),
+    ({"version": 1, "uri": "/a.jpg", "source": _nested(5000)}, "not JSON-serialisable"),
 ])
 def test_invalid_events_are_refused_with_a_reason(raw: object, reason: str) -> None:
     with pytest.raises(InvalidEvent) as err:

@@ -6,6 +6,7 @@ what the pipeline stores, skips and reports, and must stay fast. The real model 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +173,74 @@ def test_a_batch_of_only_broken_files_never_loads_the_model(settings, tmp_path: 
         stats = p.run(iter_refs([tmp_path / "bad"]))
         assert stats.failed == len(bad)
         assert p._embedder is None  # a re-run over known-bad files stays fast: the model never loads
+
+
+# --------------------------------------------------------------------------------------------- hostile input
+
+
+def test_copies_of_undecodable_bytes_all_fail_with_the_reason(settings, tmp_path: Path) -> None:
+    """The second copy used to be reported "updated" (merged into a point that was never stored)."""
+    bad = imagefactory.truncated_png(tmp_path / "a.png").read_bytes()
+    names = ["a.png", "b.png", "c.png", "d.png", "e.png", "f.png"]  # batch_size=4: copies span two batches
+    for n in names[1:]:
+        (tmp_path / n).write_bytes(bad)
+    good = _photo(tmp_path / "good.jpg", 1)
+    with _pipeline(settings) as p:
+        outs = p.ingest([ImageRef(str(tmp_path / "a.png")), ImageRef(str(good)), ImageRef(str(tmp_path / "b.png"))])
+        assert [o.status for o in outs] == ["failed", "indexed", "failed"]
+        assert outs[0].reason == outs[2].reason and outs[0].reason.startswith("truncated or corrupt image")
+        stats = p.run(ImageRef(str(tmp_path / n)) for n in names)
+        assert (stats.failed, stats.updated, stats.indexed, stats.present) == (6, 0, 0, 0)
+        assert {o.reason for o in stats.failures} == {outs[0].reason}
+        assert p.store.count() == 1
+
+
+def test_hostile_refs_fail_one_by_one_and_the_batch_goes_on(settings, tmp_path: Path) -> None:
+    good = [_photo(tmp_path / f"good{i}.jpg", i) for i in range(3)]
+    undecodable_name = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    _photo(undecodable_name, 7)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    hostile = {
+        "file:///tmp/a%00b.jpg": "the path contains a NUL byte",
+        "/tmp/\ud800.jpg": "uri is not UTF-8 text (undecodable bytes or a lone surrogate); it cannot be stored",
+        str(undecodable_name): "uri is not UTF-8 text (undecodable bytes or a lone surrogate); it cannot be stored",
+        str(fifo): "not a regular file",
+        "~no-such-user-here/x.jpg": "cannot expand '~' (no such user, or no home folder)",
+    }
+    refs = [ImageRef(str(good[0]))] + [ImageRef(u) for u in hostile] + [
+        ImageRef(str(good[1]), labels=("\udcff",)),
+        ImageRef(str(good[1]), labels=tuple(f"l{i}" for i in range(65))),
+        ImageRef(str(good[1]), source="s" * 300),
+        ImageRef(str(good[2]), labels=("ok",)),
+    ]
+    with _pipeline(settings) as p:
+        outs = p.ingest(refs)  # nothing raises: every input is judged on its own
+        assert [o.status for o in outs] == ["indexed"] + ["failed"] * 8 + ["indexed"]
+        assert [o.reason for o in outs[1:6]] == list(hostile.values())
+        assert outs[6].reason.startswith("label is not UTF-8 text")
+        assert outs[7].reason == "more than 64 labels (65)" and outs[8].reason.startswith("source is longer")
+        assert p.store.count() == 2
+        stats = p.run(refs)  # the same through the batched path
+        assert (stats.present, stats.failed) == (2, 8)
+
+
+def test_the_report_and_the_log_line_stay_one_line_per_failure(settings, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    forged = imagefactory.garbage(tmp_path / "x.jpg\n\x1b[31mfake\tcolumn.jpg")
+    report = tmp_path / "report.tsv"
+    with _pipeline(settings) as p, caplog.at_level("WARNING", logger="ingest.pipeline"):
+        stats = p.run([ImageRef(str(forged))], report=report)
+    assert stats.failed == 1
+    lines = report.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].count("\t") == 1
+    assert lines[1].split("\t")[0] == str(tmp_path) + "/x.jpg\\n\\x1b[31mfake\\tcolumn.jpg"
+    [record] = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
+
+
+def test_the_decode_memory_limit_is_a_setting(settings, tmp_path: Path) -> None:
+    big = imagefactory.float_tiff(tmp_path / "f.tif", block=400)  # 1600 x 400 floats: ~5 MB to decode
+    with _pipeline(settings.replace(max_decode_mb=1)) as p:
+        [out] = p.ingest([ImageRef(str(big))])
+    assert out.status == "failed" and "LOOKALIKE_MAX_DECODE_MB" in (out.reason or "")

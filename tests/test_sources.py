@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ingest.sources import IMAGE_EXTENSIONS, ImageRef, iter_refs
-from search.errors import SourceError
+from search.errors import SourceError, printable
 from tests import imagefactory as f
 
 
@@ -187,9 +190,126 @@ def test_jsonl_manifest_and_bad_lines(tmp_path: Path) -> None:
     assert errors[3][1] == "`labels` must be a list of strings"
 
 
-def test_manifest_that_is_not_utf8(tmp_path: Path) -> None:
-    manifest = tmp_path / "m.csv"
-    manifest.write_bytes(b"uri\n\xff\xfe.jpg\n")
+NOT_UTF8 = "uri is not UTF-8 text (undecodable bytes or a lone surrogate); it cannot be stored"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_line_that_is_not_utf8_is_refused_on_its_own(tmp_path: Path, suffix: str) -> None:
+    """It used to stop the whole manifest (UnicodeDecodeError): the rows after it were never read."""
+    manifest = tmp_path / f"m{suffix}"
+    rows = [b"a.jpg", b"\xff\xfe.jpg", b"b.jpg"]
+    if suffix == ".csv":
+        manifest.write_bytes(b"uri\n" + b"\n".join(rows) + b"\n")
+    else:
+        manifest.write_bytes(b"".join(b'{"uri": "' + r + b'"}\n' for r in rows))
+    errors, on_error = _errors()
+    assert [Path(r.uri).name for r in iter_refs([manifest], on_error=on_error)] == ["a.jpg", "b.jpg"]
+    line = 3 if suffix == ".csv" else 2
+    assert errors == [(f"{manifest}:{line}", NOT_UTF8)]
+
+
+def test_hostile_jsonl_lines_are_refused_one_by_one(tmp_path: Path) -> None:
+    lines = [
+        '{"uri": "ok1.jpg"}',
+        "[" * 100_000,  # RecursionError in json.loads
+        '{"uri": "a.jpg", "n": ' + "1" * 5000 + "}",  # ValueError: over 4300 digits
+        '{"uri": "\\ud800.jpg"}',  # a lone surrogate, escaped in JSON
+        '{"uri": "b.jpg", "labels": ["\\udc80"]}',
+        '{"uri": "file:///x/a%00b.jpg"}',  # a NUL once percent-decoded
+        '{"uri": "c.jpg", "labels": ["nul\\u0000"]}',
+        '{"uri": "d.jpg", "labels": ' + json.dumps([f"l{i}" for i in range(100_000)]) + "}",
+        '{"uri": "e.jpg", "labels": ["' + "x" * 300 + '"]}',
+        '{"uri": "' + "f" * 5000 + '.jpg"}',
+        '{"uri": "g.jpg", "source": "' + "s" * 300 + '"}',
+        '{"uri": "~no-such-user-here/h.jpg"}',
+        '{"uri": "i.jpg", "pad": "' + "p" * (2 << 20) + '"}',  # a line over 1 MB
+        '{"uri": "ok2.jpg", "labels": ["fine"]}',
+    ]
+    manifest = f.text_file(tmp_path / "m.jsonl", "\n".join(lines) + "\n")
+    errors, on_error = _errors()
+    refs = list(iter_refs([manifest], on_error=on_error))
+    assert [(Path(r.uri).name, r.labels) for r in refs] == [("ok1.jpg", ()), ("ok2.jpg", ("fine",))]
+    assert [loc for loc, _ in errors] == [f"{manifest}:{n}" for n in range(2, 14)]
+    reasons = [reason for _, reason in errors]
+    assert reasons[0].startswith("invalid JSON: RecursionError") and reasons[1].startswith("invalid JSON: ValueError")
+    assert reasons[2] == "the path is not valid text (a lone surrogate)"
+    assert reasons[3].startswith("label is not UTF-8 text")
+    assert reasons[4] == "the path contains a NUL byte" and reasons[5] == "label contains a NUL character"
+    assert reasons[6] == "more than 64 labels" and reasons[7] == "label is longer than 256 characters"
+    assert reasons[8] == "uri is longer than 4096 characters" and reasons[9] == "source is longer than 256 characters"
+    assert reasons[10].startswith("cannot expand '~'") and reasons[11] == "line longer than 1048576 characters"
+
+
+def test_hostile_csv_rows_are_refused_one_by_one(tmp_path: Path) -> None:
+    manifest = f.text_file(tmp_path / "m.csv", "uri,labels,source\n"
+                           "ok1.jpg,,\n"
+                           "a.jpg," + "|".join(["x"] * 50_000) + ",\n"  # under csv's 128 KB field limit
+                           "file:///x/a%00b.jpg,,\n"
+                           "b.jpg,nul\x00,\n"
+                           '"c\nd.jpg",x,\n'  # a quoted newline: a legal, if odd, file name
+                           "ok2.jpg,fine,\n")
+    errors, on_error = _errors()
+    refs = list(iter_refs([manifest], on_error=on_error))
+    assert [Path(r.uri).name for r in refs] == ["ok1.jpg", "c\nd.jpg", "ok2.jpg"]
+    assert errors == [(f"{manifest}:3", "more than 64 labels"), (f"{manifest}:4", "the path contains a NUL byte"),
+                      (f"{manifest}:5", "label contains a NUL character")]
+
+
+def test_the_row_bounds_are_the_event_contracts() -> None:
+    from ingest import sources
+    from workers import events
+
+    assert (sources.MAX_LABELS, sources.MAX_TEXT_CHARS, sources.MAX_URI_CHARS) == (
+        events.MAX_LABELS, events.MAX_TEXT_CHARS, events.MAX_URI_CHARS)
+
+
+def test_special_files_and_undecodable_names_in_a_folder_are_reported(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    f.solid(root / "ok.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    os.mkfifo(root / "pipe.txt")  # not named like an image: skipped like any other non-image
+    (root / "to_pipe.png").symlink_to(root / "pipe.jpg")
+    bad_name = os.fsdecode(b"caf\xe9.jpg")
+    f.solid(root / bad_name)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.png"))
+    try:
+        errors, on_error = _errors()
+        assert [Path(r.uri).name for r in iter_refs([root], on_error=on_error)] == ["ok.jpg"]
+    finally:
+        sock.close()
+    assert errors == [
+        (printable(str(root / bad_name)), NOT_UTF8),
+        (str(root / "pipe.jpg"), "not a regular file (a FIFO)"),
+        (str(root / "sock.png"), "not a regular file (a socket)"),
+        (str(root / "to_pipe.png"), "not a regular file (a FIFO)"),
+    ]
+    errors, on_error = _errors()
+    assert list(iter_refs([root / "pipe.jpg"], on_error=on_error)) == []
+    assert errors == [(str(root / "pipe.jpg"), "not a regular file or folder (a FIFO)")]
+
+
+@pytest.mark.parametrize(("path", "reason"), [
+    ("/tmp/a\x00b", "the path contains a NUL byte"),
+    ("/tmp/\ud800", "the path is not valid text (a lone surrogate)"),
+    ("/" + "a" * 5000, "cannot stat: File name too long"),
+])
+def test_hostile_command_line_paths_are_reported(path: str, reason: str) -> None:
+    errors, on_error = _errors()
+    assert list(iter_refs([path], on_error=on_error)) == []
+    assert errors == [(printable(path), reason)]
+
+
+def test_locations_and_reasons_reach_on_error_printable(tmp_path: Path) -> None:
+    """A newline or ANSI escape in a name must not forge a log line or reach a terminal raw."""
+    manifest = f.text_file(tmp_path / "m.jsonl", '{"uri": "ftp://x/\\u001b[31mred\\nfake line"}\n')
     errors, on_error = _errors()
     assert list(iter_refs([manifest], on_error=on_error)) == []
-    assert errors and errors[0][0] == str(manifest) and errors[0][1].startswith("not UTF-8 text")
+    [(_, reason)] = errors
+    assert reason == "unsupported URI scheme 'ftp' (use a local path or an http(s) URL)"
+    missing = tmp_path / "new\nline\x1b[2J.jpg"
+    list(iter_refs([missing], on_error=on_error))
+    assert errors[-1] == (str(tmp_path) + "/new\\nline\\x1b[2J.jpg", "no such file or directory")
+    with pytest.raises(SourceError) as err:
+        list(iter_refs([missing]))
+    assert "\n" not in str(err.value) and err.value.uri == str(missing)

@@ -10,8 +10,11 @@ Contract, version 1::
      "sent_at": 1718000000.123}     # optional: UNIX seconds when it was sent (queue-wait metrics)
 
 Unknown fields, wrong types and oversized events are refused with ``InvalidEvent`` (a reason for the dead
-letter): a typo in a producer must show up, not be silently ignored. Within one version, fields are only
-ever added as optional ones; a breaking change gets ``"version": 2``.
+letter): a typo in a producer must show up, not be silently ignored. So is anything that would fail later
+instead of here, for this event alone: a string that is not valid Unicode (a lone surrogate), a ``file://``
+URI that cannot name a local file (``%00``), a URL that does not parse, JSON nested deeper than the parser's
+stack or holding a number of thousands of digits. ``parse_event`` raises nothing but ``InvalidEvent``.
+Within one version, fields are only ever added as optional ones; a breaking change gets ``"version": 2``.
 
 Tasks and queues (both fixed names, so producers need nothing of ours):
 
@@ -102,6 +105,10 @@ def _text(data: dict[str, Any], key: str, limit: int = MAX_TEXT_CHARS) -> str | 
         raise InvalidEvent(f"{key!r} is longer than {limit} characters")
     if "\x00" in value:
         raise InvalidEvent(f"{key!r} contains a NUL character")
+    try:
+        value.encode("utf-8")  # a lone surrogate cannot be logged, stored in a payload or used as a path
+    except UnicodeEncodeError:
+        raise InvalidEvent(f"{key!r} is not valid Unicode text (a lone surrogate)") from None
     return value
 
 
@@ -122,6 +129,10 @@ def _load_json(raw: str | bytes | bytearray, what: str, limit: int | None = None
         return json.loads(raw)
     except json.JSONDecodeError as err:
         raise InvalidEvent(f"{subject}not valid JSON ({err.msg} at position {err.pos})") from None
+    except RecursionError:
+        raise InvalidEvent(f"{subject}not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # an integer over sys.get_int_max_str_digits() digits
+        raise InvalidEvent(f"{subject}not valid JSON ({str(err).split(':')[0]})") from None
 
 
 def parse_event(raw: Any) -> Event:
@@ -132,7 +143,7 @@ def parse_event(raw: Any) -> Event:
         raise InvalidEvent(f"expected a JSON object, got {type(raw).__name__}")
     try:
         size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8", "surrogatepass"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: a dict nested deeper than the stack
         raise InvalidEvent("not JSON-serialisable") from None
     if size > MAX_EVENT_BYTES:
         raise InvalidEvent(f"larger than {MAX_EVENT_BYTES} bytes")
@@ -147,9 +158,12 @@ def parse_event(raw: Any) -> Event:
     if "uri" not in raw:
         raise InvalidEvent("missing 'uri'")
     uri = _text(raw, "uri", MAX_URI_CHARS)
-    assert uri is not None
+    if uri is None:  # "uri": null (an assert here was an AssertionError, and nothing under python -O)
+        raise InvalidEvent("'uri' must be a string, not null")
     if not (uri.startswith(("/", "file://", "http://", "https://"))):
         raise InvalidEvent("'uri' must be an absolute path, a file:// or an http(s):// URL")
+    if (problem := _uri_problem(uri)) is not None:
+        raise InvalidEvent(f"'uri' {problem}")
     labels_raw = raw.get("labels")
     labels: tuple[str, ...] = ()
     if labels_raw is not None:
@@ -160,10 +174,33 @@ def parse_event(raw: Any) -> Event:
         checked = [_text({"label": x}, "label") for x in labels_raw]
         labels = tuple(dict.fromkeys(x.strip() for x in checked if x is not None))
     sent_at = raw.get("sent_at")
-    if sent_at is not None and (type(sent_at) not in (int, float) or not math.isfinite(sent_at) or sent_at < 0):
-        raise InvalidEvent("'sent_at' must be UNIX seconds (a non-negative number)")
+    if sent_at is not None:
+        try:
+            seconds = float(sent_at) if type(sent_at) in (int, float) else math.nan  # an int of 400 digits overflows
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds) or seconds < 0:
+            raise InvalidEvent("'sent_at' must be UNIX seconds (a non-negative number)")
+        sent_at = seconds
     return Event(uri=uri, labels=labels, source=_text(raw, "source"), event_id=_text(raw, "event_id"),
-                 sent_at=float(sent_at) if sent_at is not None else None)
+                 sent_at=sent_at)
+
+
+def _uri_problem(uri: str) -> str | None:
+    """Why ``uri`` can name no file or URL (refused here, for this event alone), or None."""
+    from urllib.parse import urlsplit
+
+    from search.reading import to_path, uri_scheme
+
+    try:
+        if uri_scheme(uri) in ("http", "https"):
+            parts = urlsplit(uri)
+            _ = parts.port  # ValueError on a port that is not a number in range
+            return None if parts.hostname else "is a URL without a host"
+        to_path(uri)
+    except ValueError as err:
+        return f"is not usable: {err}"
+    return None
 
 
 def parse_batch(raw: Any) -> list[Any]:
