@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from search.errors import ConfigError, LookalikeError, StoreUnavailable
 from search.schema import Filter
@@ -116,7 +118,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in
 
 # ---------------------------------------------------------------------------------------------- plumbing
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # One printable line: a client's filename, JSON key or filter may carry newlines or terminal escapes.
+    message = _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _service(request: Request) -> Service:
@@ -142,9 +149,13 @@ def write_access(request: Request) -> None:
 
 def _filter(exprs: list[str]) -> Filter | None:
     try:
-        return Filter.parse(exprs)
+        flt = Filter.parse(exprs)
     except ConfigError as err:
         raise RequestError(422, str(err).replace("--filter ", "filter ")) from None
+    for match in flt.must if flt is not None else ():
+        if any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in match.values):  # the store's int64
+            raise RequestError(422, f"filter {match.field}: a whole number between -2^63 and 2^63-1")
+    return flt
 
 
 class BodyLimit:
@@ -157,21 +168,26 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+        if declared is not None and not declared.isdigit():
+            return await _error(400, "Content-Length is not a number")(scope, receive, send)
+        if declared is not None and int(declared) > self.limit:
             return await _error(413, self._message())(scope, receive, send)
-        seen = 0
+        seen, over = 0, False
 
         async def counted() -> Any:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                over = True
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, counted, send)
-        except _TooLarge:
+        except Exception:  # _TooLarge, bare or in the ExceptionGroup of a middleware's task group
+            if not over:
+                raise
             await _error(413, self._message())(scope, receive, send)
 
     def _message(self) -> str:
@@ -221,6 +237,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return _error(err.status_code, str(err.detail))
 
+    @app.exception_handler(ClientDisconnect)
+    async def gone(_: Request, _err: ClientDisconnect) -> JSONResponse:  # a body cut short, or a timed-out one
+        return _error(400, "the client went away before sending the whole request body")
+
     @app.exception_handler(StoreUnavailable)
     async def store_down(_: Request, err: StoreUnavailable) -> JSONResponse:
         return _error(503, str(err))
@@ -233,9 +253,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------------------------------------- routes
 def _search_router() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["search"], dependencies=[Depends(read_access)], responses=ERRORS)
-    multipart = {"multipart/form-data": {"schema": {"type": "object", "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}
-    json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/SearchBody"}}}
+    multipart = {"multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}}}}}
+    json_body = {"application/json": {"schema": SearchBody.model_json_schema()}}  # inline: not in components
 
     @router.post("/search", response_model=list[Answer], response_model_exclude_none=True,
                  openapi_extra={"requestBody": {"required": True, "content": {**json_body, **multipart}}})
@@ -315,7 +335,8 @@ def _images_router() -> APIRouter:
         source = data.get("source")
         status, body = await run_in_threadpool(
             _service(request).upload, await image.read(), image.filename or "upload", labels=labels,
-            source=source if isinstance(source, str) and source.strip() else None, wait=wait, k=k)
+            source=source if isinstance(source, str) and source.strip() else None, wait=wait,
+            k=min(k, request.app.state.settings.max_k))
         return JSONResponse(body, status_code=status)
 
     return router

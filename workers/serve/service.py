@@ -68,7 +68,7 @@ class Query:
 def clean_text(value: str, what: str) -> str:
     """A label or source: stripped, non-empty, at most 256 characters, no control characters."""
     text = value.strip()
-    if not text or len(text) > MAX_TEXT or any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if not text or len(text) > MAX_TEXT or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):  # C0, DEL, C1
         raise RequestError(422, f"{what} {value[:40]!r} must be 1-{MAX_TEXT} printable characters")
     return text
 
@@ -293,6 +293,7 @@ class Service:
         clean = tuple(dict.fromkeys(clean_text(x, "label") for x in labels))
         if len(clean) > MAX_LABELS:
             raise RequestError(422, f"at most {MAX_LABELS} labels per image")
+        origin = clean_text(source, "source") if source else "upload"  # checked before anything is kept
         try:
             decoded = decode(data, filename, max_pixels=self.settings.max_pixels)
         except ImageError as err:
@@ -300,7 +301,7 @@ class Service:
             raise RequestError(422, f"{filename}: {err.reason}") from None
         sha = sha256_hex(data)
         path = self._keep(data, sha, decoded.format)
-        ref = ImageRef(uri=str(path), labels=clean, source=clean_text(source, "source") if source else "upload")
+        ref = ImageRef(uri=str(path), labels=clean, source=origin)
         pid = point_id(sha)
         if self.settings.publishes_events:
             self._publish(ref)
