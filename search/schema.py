@@ -145,7 +145,9 @@ class Filter:
     def parse(cls, exprs: list[str] | tuple[str, ...]) -> Filter | None:
         """``["label=cat", "label=dog", "source=web"]`` → labels in {cat, dog} AND source = web.
         ``label``, ``tag`` and ``uri`` stand for ``labels``, ``tags[].label`` and ``uris``. Unknown fields are
-        refused (a typo must not silently match nothing); values are exact and case-sensitive."""
+        refused (a typo must not silently match nothing); values are exact and case-sensitive. Anything a
+        store could not take (a whole number outside int64, a string with a lone surrogate) is a ``ConfigError``
+        here, not a traceback there."""
         from search.errors import ConfigError
 
         grouped: dict[str, list[Any]] = {}
@@ -159,16 +161,24 @@ class Filter:
                 raise ConfigError(f"--filter {expr!r}: unknown field {key!r}; filter on one of {names}")
             if FILTER_FIELDS[key] is int:
                 try:
-                    grouped.setdefault(key, []).append(int(value))
-                except ValueError:
-                    raise ConfigError(f"--filter {expr!r}: {key} takes a whole number") from None
+                    number = int(value)
+                except ValueError:  # not a number, or over 4300 digits
+                    raise ConfigError(f"--filter {expr[:60]!r}: {key} takes a whole number") from None
+                if not _INT64_MIN <= number <= _INT64_MAX:  # the stores' integers: a bigger one is a traceback there
+                    raise ConfigError(f"--filter {expr[:60]!r}: {key} must be between {_INT64_MIN} and {_INT64_MAX}")
+                grouped.setdefault(key, []).append(number)
             else:
+                try:
+                    value.encode("utf-8")  # a lone surrogate cannot be sent to either store
+                except UnicodeEncodeError:
+                    raise ConfigError(f"--filter {expr[:60]!r}: the value is not valid Unicode text") from None
                 grouped.setdefault(key, []).append(value)
         if not grouped:
             return None
         return cls(must=tuple(Match(k, tuple(v)) for k, v in grouped.items()))
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 FILTER_ALIASES = {"label": "labels", "tag": "tags[].label", "tags": "tags[].label", "uri": "uris"}
 FILTER_FIELDS: dict[str, type] = {"labels": str, "tags[].label": str, "uris": str, "source": str, "sha256": str,
                                   "model": str, "format": str, "width": int, "height": int, "bytes": int}

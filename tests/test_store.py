@@ -188,6 +188,23 @@ def test_filters(filled, flt, expected):
     assert names(exact_hits) == expected
 
 
+@pytest.mark.parametrize(("expr", "message"), [
+    ("width=" + "9" * 20, "width must be between -9223372036854775808 and 9223372036854775807"),
+    ("bytes=-9223372036854775809", "bytes must be between"),
+    ("height=" + "1" * 5000, "height takes a whole number"),  # over Python's 4300-digit int() limit
+    ("label=\ud800", "the value is not valid Unicode text"),
+])
+def test_filter_values_no_store_can_take_are_a_config_error(expr, message):
+    """`--filter width=<huge>` used to reach the store and end in a traceback (OverflowError)."""
+    with pytest.raises(ConfigError, match=message):
+        Filter.parse([expr])
+
+
+def test_int64_bounds_reach_the_store(filled):
+    for value in (2**63 - 1, -(2**63)):
+        assert filled.count(Filter.parse([f"width={value}"])) == 0
+
+
 # ---------------------------------------------------------------- point operations
 
 def test_count_scroll_retrieve_delete(filled):
@@ -309,6 +326,28 @@ def test_client_path_mode_reopen_persists(tmp_path):
         s.upsert(records())
     with ClientStore(QdrantClient(path=str(tmp_path / "local")), "test", owns_client=True) as s:
         assert s.meta() == META and s.count() == len(POINTS)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "fifo"])
+def test_a_planted_lock_file_is_refused_and_its_target_left_alone(tmp_path, plant):
+    """The lock file is truncated and written: a symlink (or hard link) planted in its place used to have
+    its target truncated, e.g. a file of the user's that the data dir's owner can write."""
+    from search.errors import StoreLocked
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock = tmp_path / "data" / "qdrant" / ".lock"
+    lock.parent.mkdir(parents=True)
+    if plant == "symlink":
+        lock.symlink_to(victim)
+    elif plant == "hardlink":
+        os.link(victim, lock)
+    else:
+        os.mkfifo(lock)
+    with pytest.raises(StoreError, match=r"cannot use the lock file .*remove it") as err:
+        open_store(Settings(data_dir=tmp_path / "data"), "test")
+    assert not isinstance(err.value, StoreLocked)
+    assert victim.read_text() == "precious\n"
 
 
 def test_collections_are_separate_and_share_the_lock(tmp_path):

@@ -13,14 +13,15 @@ worker's settings go wherever the core's do. Its own variables:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from pydantic import NonNegativeFloat, NonNegativeInt
 
 from search.config import Settings, load
-from search.errors import ConfigError
+from search.errors import ConfigError, printable
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
@@ -96,22 +97,48 @@ class RetryPolicy:
         return int(random.randrange(int(ceiling) + 1))
 
 
+# Query (and fragment) parameters whose values are secrets: password=, api-key=, access_token=, X-Amz-Signature=…
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|credential|signature|sig$|session", re.IGNORECASE)
+
+
 def mask_url(url: str | None) -> str:
-    """``redis://:secret@host:6379/0`` → ``redis://:****@host:6379/0`` (for logs and status output)."""
+    """``url`` fit for logs and status output: the password (or a lone user part, which some schemes use as
+    the secret) becomes ``****``, so do the values of query and fragment parameters that name secrets
+    (``?password=``, ``?api-key=``, ``#access_token=``), and the result is one printable line.
+
+    Never raises: a URL that does not parse (a bad port, an unclosed ``[``) is masked from its text alone,
+    since ``status`` must print whatever the operator configured."""
     if not url:
         return ""
     try:
-        parts = urlsplit(url)
-    except ValueError:
+        return printable(_mask(str(url)))
+    except Exception:  # masking must never be the thing that fails: say nothing of the URL
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:****@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _mask(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    # authority ends at the first / ? or #; its user info ends at the last @ (RFC 3986)
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostport = authority.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        authority = f"{user}:****@{hostport}" if colon else f"****@{hostport}"
+    before, hash_, fragment = tail.partition("#")
+    path, qmark, query = before.partition("?")
+    tail = path + qmark + _mask_params(query) + hash_ + _mask_params(fragment)
+    return (scheme + sep if sep else "") + authority + tail
+
+
+def _mask_params(text: str) -> str:
+    parts = []
+    for part in text.split("&"):
+        name, eq, _value = part.partition("=")
+        parts.append(f"{name}=****" if eq and _SECRET_PARAM.search(unquote(name)) else part)
+    return "&".join(parts)
 
 
 __all__ = ["DEFAULT_BROKER_URL", "RetryPolicy", "WorkerSettings", "as_worker_settings", "mask_url",

@@ -3,6 +3,9 @@ embedded stores with its fork and exit handling.
 
 The lock (``<data_dir>/qdrant/.lock``, holding the owner's PID) is taken *before* a shard is opened: a second
 opener that fails on the engine's WAL lock breaks the first handle's next ``flush()``.
+
+The lock file is written (truncated, then our PID), so it is opened without following a symlink and must be
+a regular file with one link: a link planted in its place would otherwise have its target truncated.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.errors import StoreLocked
+from search.errors import StoreError, StoreLocked, printable
 
 if TYPE_CHECKING:
     from search.store.base import Store
@@ -35,14 +39,15 @@ class _DirLock:
     def acquire(self) -> None:
         if self.fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                pid = _read_pid(fd)
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise StoreLocked(_locked_message(self.path.parent, _read_pid(self.path))) from None
+                raise StoreLocked(_locked_message(self.path.parent, pid)) from None
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             self.fd = fd
@@ -57,15 +62,35 @@ class _DirLock:
             self.fd = None
 
 
-def _read_pid(path: Path) -> str:
+def _open_lock_file(path: Path) -> int:
+    """The lock file's descriptor: created if missing, never through a symlink, never truncated here (the
+    owner's PID must stay readable to a second opener), and only a regular file with one link."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_NONBLOCK", 0)  # a FIFO planted there must not hang the open
     try:
-        return path.read_text().strip() or "unknown"
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        reason = "it is a symbolic link" if err.errno == errno.ELOOP else (err.strerror or str(err))
+        raise StoreError(f"cannot use the lock file {printable(path)}: {reason}; remove it") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else f"has {st.st_nlink} hard links"
+        raise StoreError(f"cannot use the lock file {printable(path)}: it {what}; remove it")
+    return fd
+
+
+def _read_pid(fd: int) -> str:
+    """The PID the owner wrote, read through our own descriptor (not the path, which may have changed)."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
     except OSError:
         return "unknown"
+    return text if text.isdigit() else "unknown"
 
 
 def _locked_message(root: Path, pid: str) -> str:
-    return (f"the store at {root} is in use by PID {pid}; stop that process or use a Qdrant server "
+    return (f"the store at {printable(root)} is in use by PID {pid}; stop that process or use a Qdrant server "
             f"(LOOKALIKE_QDRANT_URL) for concurrent access")
 
 
