@@ -8,11 +8,17 @@ Delivery guarantees, and the settings that give them:
   file that crashes the decoder cannot loop forever), prefetch 1 (a crash strands at most one message per
   process). Exactly-once *effect* comes from the pipeline: the point id is the hash of the bytes, so a
   redelivered event finds its point and changes nothing.
-* Redis redelivers an unacknowledged message after ``visibility_timeout``; a task may legitimately hold
-  one for its hard time limit plus a retry countdown, so start-up refuses a visibility timeout shorter
-  than that (the message would run twice at once).
+* A whole worker that dies (OOM killer, ``kill -9``) is noticed through its heartbeat: another worker — or
+  its replacement, at start-up — puts the messages it held back on their queue within seconds
+  (``workers.recovery``; ~6 s worst case with the default 3 s ``LOOKALIKE_HEARTBEAT_TTL``).
+* Redis also redelivers an unacknowledged message after ``visibility_timeout`` (the backstop if recovery
+  cannot run); a task may legitimately hold one for its hard time limit plus a retry countdown, so start-up
+  refuses a visibility timeout shorter than that (the message would run twice at once).
+* No message can stop a worker: one that is not a valid lookalike task (bad or missing headers, a refused
+  content type, an undecodable body, the wrong body shape, an unknown task) is dead-lettered with the reason
+  and acknowledged (``workers.guard``, checked by ``DeadLetteringConsumer`` and ``workers.transport``).
 * Nothing is dropped silently: invalid events, permanent failures, exhausted retries, hard time limits
-  and undecodable messages all land in the dead-letter store (``workers.deadletters``).
+  and refused messages all land in the dead-letter store (``workers.deadletters``).
 * Live before backfill: the worker consumes ``lookalike.live`` first (``queue_order_strategy=priority``)
   and a backfill chunk hands the rest of its events back whenever uploads are waiting (``workers.tasks``).
 
@@ -182,20 +188,85 @@ def __getattr__(name: str) -> Any:
 def _consumer_class() -> type:
     from celery.worker.consumer import Consumer
 
+    from workers import guard, recovery
+    from workers.transport import use_guarded_transport
+
     class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
-        """Celery's consumer, except that a message whose body cannot be decoded is dead-lettered
-        (with its raw text) before it is acknowledged, instead of only being logged."""
+        """Celery's consumer, except that no message can stop it and a dead worker's messages come back soon.
+
+        * Its connection uses ``workers.transport.GuardedTransport`` (envelope checks, holders recorded).
+        * Every task message is checked by ``workers.guard.task_problem`` before Celery's strategy sees it;
+          one that fails — or that Celery still raises on, or that Celery would only log (decode errors,
+          unknown tasks, refused content types, invalid tasks) — is dead-lettered with the reason and acked.
+        * ``start`` starts this process's heartbeat and recovery thread (``workers.recovery``) before the
+          first message is taken."""
+
+        def connection_for_read(self, heartbeat: Any = None) -> Any:
+            return self.ensure_connected(use_guarded_transport(self.app.connection_for_read(heartbeat=heartbeat)))
+
+        def start(self) -> Any:
+            settings = app_settings(self.app)
+            recovery.start(settings.broker, ttl=settings.heartbeat_ttl, name=self.hostname)
+            return super().start()
+
+        def connect(self) -> Any:
+            monitor = recovery.current()
+            if monitor is not None:  # what the previous connection held is now an orphan (workers.recovery)
+                monitor.new_session()
+            return super().connect()
+
+        def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+            handle = super().create_task_handler(*args, **kwargs)
+            settings = app_settings(self.app)
+            limits = {"max_recovered": settings.max_retries,
+                      "max_eta_ahead": settings.visibility_timeout - settings.task_time_limit}
+            connection_errors = tuple(self.connection_errors)
+
+            def on_task_received(message: Any) -> Any:
+                problem = guard.task_problem(message, **limits)
+                if problem is not None:
+                    return self._refuse(message, problem)
+                try:
+                    return handle(message)
+                except connection_errors:
+                    raise  # the connection is gone: the message goes back to its queue on reconnect
+                except Exception as err:  # Celery choked on this message: keep it, ack it, go on
+                    log.exception("cannot accept message %s", message.delivery_tag)
+                    return self._refuse(message, f"Celery cannot accept it: {type(err).__name__}: {err}")
+
+            return on_task_received
 
         def on_decode_error(self, message: Any, exc: Exception) -> None:
+            self._refuse(message, f"cannot decode the message body ({message.content_type}): {exc}")
+
+        def on_unknown_message(self, body: Any, message: Any) -> None:
+            self._refuse(message, "not a Celery task message (protocol 2 headers required)")
+
+        def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+            self._refuse(message, f"unknown task {guard.task_of(message.headers)!r}")
+
+        def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+            self._refuse(message, f"invalid task message: {type(exc).__name__}: {exc}")
+
+        def _refuse(self, message: Any, reason: str) -> None:
+            """Dead-letter ``message`` with ``reason``, then ack it (it never runs). If Redis cannot be
+            reached the error propagates: the consumer reconnects and the message comes back to be refused
+            again, rather than being acked unrecorded."""
+            import redis.exceptions
+
+            headers = message.headers if isinstance(message.headers, dict) else None
             try:
-                body = message.body
                 runtime.dead_letters(self.app).add(
-                    body, f"cannot decode the message body ({message.content_type}): {exc}", attempts=1,
-                    id=f"decode:{message.headers.get('id') or message.delivery_tag}",
-                    queue=(message.delivery_info or {}).get("routing_key"), task=message.headers.get("task"))
-            except Exception as err:  # never let the consumer die on hostile input
-                log.error("cannot dead-letter an undecodable message: %s", err)
-            super().on_decode_error(message, exc)
+                    guard.kept_event(message), reason, attempts=1,
+                    id=guard.letter_key(headers, str(message.delivery_tag)), queue=guard.queue_of(message),
+                    task=guard.task_of(headers))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                raise
+            except Exception as err:  # never let hostile input stop the consumer
+                log.critical("cannot dead-letter a refused message (%s): %s — its body: %r", reason, err,
+                             message.body[:2000] if message.body else None)
+            if not message.acknowledged:
+                message.ack_log_error(log, self.connection_errors)
 
     return DeadLetteringConsumer
 
@@ -214,7 +285,6 @@ def _connect_signals() -> None:
     signals.worker_init.connect(_on_worker_init, weak=False)
     signals.worker_process_init.connect(_warm, weak=False)
     signals.task_failure.connect(tasks.on_task_failure, weak=False)
-    signals.task_unknown.connect(tasks.on_task_unknown, weak=False)
     _CONNECTED = True
 
 

@@ -175,9 +175,12 @@ def dl_list(app: AppContext, limit: int, as_json: bool) -> None:
     if as_json:
         echo_json({"total": total, "entries": [e.to_dict() for e in entries]})
         return
+    from workers.deadletters import safe_name
+
     for e in entries:
         uri = e.event.get("uri") if isinstance(e.event, dict) else repr(e.event)[:60]
-        click.echo(f"{e.id}\t{e.to_dict()['at_iso']}\t{e.attempts}\t{uri}\t{e.reason}")
+        click.echo(f"{e.id}\t{e.to_dict()['at_iso']}\t{e.attempts}\t{safe_name(uri)}\t{safe_name(e.reason)}"
+                   + ("\t(truncated)" if e.truncated else ""))
     click.echo(f"{total} dead letters", err=True)
 
 
@@ -198,17 +201,18 @@ def dl_show(app: AppContext, entry_id: str) -> None:
 @pass_app
 @handle_errors
 def dl_replay(app: AppContext, ids: tuple[str, ...], replay_all: bool) -> None:
-    """Send entries' events to the workers again (to their original queue) and remove them."""
+    """Send entries' events to the workers again and remove them: to lookalike.live or lookalike.backfill,
+    whichever the event came from (never to another queue a producer named)."""
     from workers.app import make_app
-    from workers.events import INGEST_TASK, LIVE_QUEUE
+    from workers.events import INGEST_TASK
 
     if not ids and not replay_all:
         raise click.UsageError("name entry ids, or pass --all")
     settings = _settings(app)
     celery_app = make_app(settings)
 
-    def send(event: dict[str, Any], queue: str | None) -> None:
-        celery_app.send_task(INGEST_TASK, args=[event], queue=queue or LIVE_QUEUE)
+    def send(event: dict[str, Any], queue: str) -> None:
+        celery_app.send_task(INGEST_TASK, args=[event], queue=queue)
 
     sent, skipped = _dead(settings).replay(send, None if replay_all else ids)
     for id, why in skipped:
@@ -234,11 +238,12 @@ def dl_purge(app: AppContext, ids: tuple[str, ...], purge_all: bool, yes: bool) 
 
 # ---------------------------------------------------------------------------------------------- status
 def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> dict[str, Any]:
-    """Queue depths, workers answering a ping, dead letters and points in the store."""
+    """Queue depths, workers answering a ping, worker heartbeats, dead letters and points in the store."""
     from workers.app import make_app
     from workers.config import mask_url
     from workers.deadletters import DeadLetters
     from workers.events import BACKFILL_QUEUE, LIVE_QUEUE
+    from workers.recovery import alive
 
     url = settings.broker
     out: dict[str, Any] = {"broker": mask_url(url), "store": mask_url(settings.qdrant_url) or
@@ -249,6 +254,7 @@ def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> di
         client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         out["queues"] = {LIVE_QUEUE: client.llen(LIVE_QUEUE), BACKFILL_QUEUE: client.llen(BACKFILL_QUEUE)}
         out["unacked"] = client.hlen("unacked")
+        out["heartbeats"] = [beat.get("id") for beat in alive(client)]
         out["dead_letters"] = DeadLetters(client).count()
         replies = make_app(settings).control.ping(timeout=ping_timeout) or []
         out["workers"] = sorted(name for reply in replies for name in reply)
@@ -298,6 +304,7 @@ def status(app: AppContext, as_json: bool) -> None:
         click.echo(f"in progress   {data['unacked']} (unacknowledged)")
         click.echo(f"dead letters  {data['dead_letters']}")
         click.echo(f"workers       {', '.join(data['workers']) or 'none answered'}")
+        click.echo(f"heartbeats    {len(data.get('heartbeats', []))} worker process(es) alive")
     click.echo(f"store         {data['store']} / {data['collection']}")
     points = data.get("points")
     click.echo(f"points        {points if points is not None else data.get('store_note') or data.get('store_error')}")

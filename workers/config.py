@@ -7,7 +7,9 @@ worker's settings go wherever the core's do. Its own variables:
 ``LOOKALIKE_TASK_TIME_LIMIT`` (180 s), ``LOOKALIKE_VISIBILITY_TIMEOUT`` (600 s), ``LOOKALIKE_MAX_RETRIES`` (8),
 ``LOOKALIKE_RETRY_BACKOFF`` (1 s, doubled per attempt), ``LOOKALIKE_RETRY_BACKOFF_MAX`` (60 s),
 ``LOOKALIKE_RESULT_BACKEND`` (unset: results are not stored — the state lives in Qdrant),
-``LOOKALIKE_ALLOW_ANY_PATH`` (1: run a worker without ``LOOKALIKE_ALLOWED_ROOTS``; off by default).
+``LOOKALIKE_ALLOW_ANY_PATH`` (1: run a worker without ``LOOKALIKE_ALLOWED_ROOTS``; off by default),
+``LOOKALIKE_HEARTBEAT_TTL`` (3 s: a worker silent this long is dead and its messages go back to the queue,
+see ``workers.recovery``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class WorkerSettings(Settings):
     retry_backoff_max: NonNegativeFloat = 60.0
     result_backend: str | None = None
     allow_any_path: bool = False
+    heartbeat_ttl: NonNegativeFloat = 3.0
 
     @property
     def broker(self) -> str:
@@ -53,6 +56,8 @@ class WorkerSettings(Settings):
         if not 0 < self.task_soft_time_limit < self.task_time_limit:
             raise ConfigError(f"LOOKALIKE_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit:g} s) must be positive "
                               f"and below LOOKALIKE_TASK_TIME_LIMIT ({self.task_time_limit:g} s)")
+        if not 1 <= self.heartbeat_ttl <= 60:
+            raise ConfigError(f"LOOKALIKE_HEARTBEAT_TTL ({self.heartbeat_ttl:g} s) must be between 1 and 60 s")
         needed = self.task_time_limit + self.retry_backoff_max
         if self.visibility_timeout <= needed:
             raise ConfigError(

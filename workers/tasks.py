@@ -15,7 +15,11 @@ store unreachable, Redis connection error (transient)  retry: exponential backof
                                                        ``max_retries`` times, then dead letter
 worker process killed mid-task                         sent again (``retry_on_worker_lost``), bounded the
                                                        same way
+whole worker killed mid-task (main process too)        put back on its queue by a live worker within
+                                                       seconds (``workers.recovery``); dead letter after
+                                                       ``max_retries`` such restores
 soft/hard time limit, unexpected error                 dead letter
+message that is not a valid task (``workers.guard``)   dead letter, ack — never reaches a task
 =====================================================  ==================================================
 
 Both kinds of retry follow one ``workers.config.RetryPolicy``. The pipeline is built once per worker
@@ -299,22 +303,4 @@ def on_task_failure(sender: Any = None, task_id: str | None = None, exception: B
         log.critical("cannot dead-letter task %s (%s): %s — its events: %r", task_id, reason, err, events)
 
 
-def on_task_unknown(sender: Any = None, message: Any = None, name: str | None = None, id: str | None = None,
-                    **_: Any) -> None:
-    """A message for a task name we do not have (a producer typo): keep it as a dead letter."""
-    if message is None:
-        return
-    try:
-        body = message.decode() if hasattr(message, "decode") else message.body
-        event = body[0][0] if isinstance(body, list | tuple) and body and body[0] else body
-        app = sender.app if sender is not None and hasattr(sender, "app") else None
-        if app is None:
-            return
-        dead_letters(app).add(event, f"unknown task {name!r} (send {INGEST_TASK} or {INGEST_BATCH_TASK})",
-                              attempts=1, id=f"unknown:{id}",
-                              queue=(message.delivery_info or {}).get("routing_key"), task=name)
-    except Exception as err:
-        log.error("cannot dead-letter a message for unknown task %r: %s", name, err)
-
-
-__all__ = ["YIELD_EVERY", "BatchRun", "handle", "on_task_failure", "on_task_unknown", "register", "uploads_waiting"]
+__all__ = ["YIELD_EVERY", "BatchRun", "handle", "on_task_failure", "register", "uploads_waiting"]
