@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ingest.duplicates import default_threshold, flag_duplicates, nearest_stored
 from search.config import Settings, get_settings
 from search.errors import ImageError, printable
 from search.schema import PointRecord, build_payload, point_id, sha256_hex
@@ -59,6 +60,7 @@ class Outcome:
     reason: str | None = None
     permanent: bool = True  # a failure caused by the input itself; retrying will not help
     tags: list[dict[str, Any]] = field(default_factory=list)
+    duplicate_of: str | None = None  # the stored point this new image near-duplicates (ingest.duplicates)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -120,12 +122,16 @@ class Pipeline(StoreUser):
 
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
                  embedder: Embedder | None = None, source: str = "backfill", tagger: Any = True,
-                 content_lock: Callable[[Sequence[str]], AbstractContextManager[Any]] | None = None) -> None:
+                 content_lock: Callable[[Sequence[str]], AbstractContextManager[Any]] | None = None,
+                 duplicate_threshold: float | None = None) -> None:
         """``content_lock(point_ids)`` guards read-merge-write of those points against other *processes*
         (workers sharing a Qdrant server); ``ingest`` holds it from the lookup to the upsert. The embedded
-        store needs none: it admits one process."""
+        store needs none: it admits one process. ``duplicate_threshold``: cosine at or above which a new image
+        gets ``duplicate_of`` (default: the one measured for the model, see ``ingest.duplicates``; none
+        measured, no flag)."""
         super().__init__(settings or get_settings(), store)
         self.source = source
+        self._duplicate_threshold = duplicate_threshold
         self._content_lock = content_lock
         self._embedder = embedder
         self._tagger_opt = tagger
@@ -272,21 +278,31 @@ class Pipeline(StoreUser):
         t_embed = (time.perf_counter() - t0) / len(good)
         ids = [it.outcome.id for it, _, _ in good]
         tags: list[list[dict[str, Any]]] = [[] for _ in good]
+        nearest: list[Any] = [None] * len(good)
+        threshold = self._duplicate_threshold
+        if threshold is None:
+            threshold = default_threshold(embedder.name, embedder.preprocessing)
         t0 = time.perf_counter()
-        if self.tagger is not None:
+        # the near-duplicate check rides on the tagger's one batched search (no query of its own)
+        if self.tagger is not None and threshold is not None:
+            tags, nearest = self.tagger.tag_with_nearest(vectors, exclude_ids=ids)
+        elif self.tagger is not None:
             tags = self.tagger.tag(vectors, exclude_ids=ids)
+        elif threshold is not None:
+            nearest = nearest_stored(self.store, vectors, ids)
+        duplicate_of = flag_duplicates(vectors, ids, nearest, threshold)
         t_tag = (time.perf_counter() - t0) / len(good)
         now = _now()
         points = []
-        for (it, _, info), vector, tag in zip(good, vectors, tags, strict=True):
+        for (it, _, info), vector, tag, dup in zip(good, vectors, tags, duplicate_of, strict=True):
             pid = it.outcome.id
             assert pid is not None
             shared = pending.pop(pid)  # later copies in this run merged their uris/labels here
             payload = build_payload(sha256=it.sha or "", uris=shared["uris"], source=it.ref.source or self.source,
                                     **info, size=it.size, ingested_at=now, labels=shared["labels"], tags=tag,
-                                    model=embedder.name)
+                                    model=embedder.name, duplicate_of=dup)
             points.append(PointRecord(id=pid, vector=vector, payload=payload))
-            it.outcome.tags = tag
+            it.outcome.tags, it.outcome.duplicate_of = tag, dup
             it.outcome.timings.update(embed=t_embed, tag=t_tag)
         t0 = time.perf_counter()
         self.store.upsert(points)

@@ -27,7 +27,8 @@ import numpy as np
 
 from search.config import Settings
 from search.errors import ConfigError, ModelError
-from search.schema import Filter
+from search.schema import Filter, Hit
+from search.store.base import SearchRequest
 
 if TYPE_CHECKING:
     from search.models import Embedder
@@ -127,17 +128,31 @@ class Tagger:
     def tag(self, vectors: np.ndarray, exclude_ids: Sequence[str | None] = ()) -> list[list[dict[str, Any]]]:
         """Per vector: ``[]`` or its tags (see the module docstring). ``exclude_ids[i]`` is vector i's own
         point id when it is (or may already be) stored, so an image never votes for itself."""
+        return self._tag(vectors, exclude_ids, nearest=False)[0]
+
+    def tag_with_nearest(self, vectors: np.ndarray, exclude_ids: Sequence[str | None] = ()) -> tuple[
+            list[list[dict[str, Any]]], list[Hit | None]]:
+        """``tag``, and each vector's nearest stored point of any kind (labelled or not; None when there is
+        none), from the same store call: the batched search carries a second, unfiltered request for one
+        neighbour. The tags are exactly ``tag``'s. The pipeline flags near-duplicates with it."""
+        return self._tag(vectors, exclude_ids, nearest=True)
+
+    def _tag(self, vectors: np.ndarray, exclude_ids: Sequence[str | None], *, nearest: bool) -> tuple[
+            list[list[dict[str, Any]]], list[Hit | None]]:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if not len(vectors):
-            return []
+            return [], []
         own = list(exclude_ids) + [None] * (len(vectors) - len(exclude_ids))
         # One batched search for all vectors; asking one more and dropping the own id afterwards returns
         # the same neighbours as a per-vector exclude_ids filter, at the cost of one query instead of n.
         extra = 1 if any(own) else 0
-        results = self.store.search(vectors, k=self.k + extra, filter=LABELLED)
+        requests = [SearchRequest(vectors, self.k + extra, LABELLED)]
+        if nearest:
+            requests.append(SearchRequest(vectors, 1 + extra))
+        results = self.store.search_many(requests)
         out: list[list[dict[str, Any]]] = []
         zero_shot_rows: list[int] = []
-        for row, hits in enumerate(results):
+        for row, hits in enumerate(results[0]):
             hits = [h for h in hits if h.id != own[row]][: self.k]
             if not hits:
                 out.append([])
@@ -150,7 +165,9 @@ class Tagger:
         if zero_shot_rows and self.prompts:
             for row, tags in zip(zero_shot_rows, self.zero_shot(vectors[zero_shot_rows]), strict=True):
                 out[row] = tags
-        return out
+        near = ([next((h for h in hits if h.id != own[row]), None) for row, hits in enumerate(results[1])]
+                if nearest else [None] * len(vectors))
+        return out, near
 
     def zero_shot(self, vectors: np.ndarray) -> list[list[dict[str, Any]]]:
         """Tags from the prompts alone: softmax over labels of the scaled best prompt similarity."""

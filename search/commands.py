@@ -91,27 +91,14 @@ def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids
 
 def _sheet(path: Path, queries: list[dict[str, Any]], pictures: list[Any], results: list[list[Hit]],
            settings: Any) -> None:
-    from search.images import decode
-    from search.reading import local_path, read_bytes
-    from search.sheet import draw_sheet
-
-    def load(hit: Hit) -> Any:
-        for uri in hit.uris:
-            if local_path(uri) is None:
-                continue
-            try:
-                return decode(read_bytes(uri, settings), uri, max_pixels=settings.max_pixels,
-                              draft=(320, 320)).image
-            except ImageError:
-                continue
-        return None
+    from search.sheet import draw_sheet, local_image
 
     rows = []
     pics = iter(pictures)
     for q in queries:
         rows.append((str(q["query"]) if q["kind"] != "image" else Path(q["query"]).name,
                      next(pics) if q["kind"] == "image" else None))
-    draw_sheet(rows, results, load, path)
+    draw_sheet(rows, results, lambda hit: local_image(hit.uris, settings), path)
 
 
 def register(group: click.Group) -> None:

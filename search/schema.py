@@ -26,6 +26,7 @@ PAYLOAD_INDEXES: dict[str, str] = {
     "source": "keyword",
     "model": "keyword",
     "ingested_at": "datetime",
+    "duplicate_of": "keyword",
 }
 
 PAYLOAD_FIELDS = (
@@ -40,26 +41,27 @@ PAYLOAD_FIELDS = (
     "labels",  # given by the user
     "tags",  # predicted: [{"label", "score", "method": "knn"|"zero-shot", "neighbours"|"prompt"}]
     "model",  # embedding model name
+    "duplicate_of",  # id of the stored point it near-duplicates when ingested (ingest.duplicates), else None
 )
 
 
 # field -> the type every stored value has (checked by ``build_payload``; tags entries are dicts).
 _PAYLOAD_TYPES: dict[str, type | tuple[type, ...]] = {
     "sha256": str, "uris": list, "source": str, "width": int, "height": int, "format": str, "bytes": int,
-    "ingested_at": str, "labels": list, "tags": list, "model": str,
+    "ingested_at": str, "labels": list, "tags": list, "model": str, "duplicate_of": (str, type(None)),
 }
 
 
 def build_payload(*, sha256: str, uris: list[str], source: str, width: int, height: int, format: str,
                   size: int, ingested_at: str, labels: list[str], tags: list[dict[str, Any]],
-                  model: str) -> dict[str, Any]:
+                  model: str, duplicate_of: str | None = None) -> dict[str, Any]:
     """The payload of a new point — the one place it is built, so every writer stores the same shape.
 
     Keyword-only, one per ``PAYLOAD_FIELDS`` entry (``size`` is stored as ``bytes``); a value of the wrong
     type is a programming error and raises ``TypeError`` before anything is written."""
     payload = {"sha256": sha256, "uris": list(uris), "source": source, "width": width, "height": height,
                "format": format, "bytes": size, "ingested_at": ingested_at, "labels": list(labels),
-               "tags": list(tags), "model": model}
+               "tags": list(tags), "model": model, "duplicate_of": duplicate_of}
     check_payload(payload)
     return payload
 
@@ -181,7 +183,8 @@ class Filter:
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 FILTER_ALIASES = {"label": "labels", "tag": "tags[].label", "tags": "tags[].label", "uri": "uris"}
 FILTER_FIELDS: dict[str, type] = {"labels": str, "tags[].label": str, "uris": str, "source": str, "sha256": str,
-                                  "model": str, "format": str, "width": int, "height": int, "bytes": int}
+                                  "model": str, "format": str, "width": int, "height": int, "bytes": int,
+                                  "duplicate_of": str}
 
 
 @dataclass

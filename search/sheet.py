@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -24,9 +25,26 @@ def _tile(image: Image.Image | None, size: int = THUMB) -> Image.Image:
     return tile
 
 
+def local_image(uris: Iterable[str], settings: Any) -> Image.Image | None:
+    """The first of ``uris`` that is a readable local image (decoded small, for a tile), or None."""
+    from search.errors import ImageError
+    from search.images import decode
+    from search.reading import local_path, read_bytes
+
+    for uri in uris:
+        if local_path(uri) is None:
+            continue
+        try:
+            return decode(read_bytes(uri, settings), uri, max_pixels=settings.max_pixels, draft=(320, 320)).image
+        except ImageError:
+            continue
+    return None
+
+
 def draw_sheet(queries: Sequence[tuple[str, Image.Image | None]], results: Sequence[Sequence[Hit]],
-               load: Callable[[Hit], Image.Image | None], path: Path) -> Path:
-    """One row per query: the query (captioned) then its hits (captioned with score and label/tag)."""
+               load: Callable[[Hit], Image.Image | None], path: Path, *, prefix: str = "query: ") -> Path:
+    """One row per query: the query (captioned ``prefix`` + its title) then its hits (captioned with score
+    and label/tag)."""
     cols = 1 + max((len(r) for r in results), default=0)
     width = PAD + cols * (THUMB + PAD)
     height = PAD + len(queries) * (THUMB + CAPTION + PAD)
@@ -37,7 +55,7 @@ def draw_sheet(queries: Sequence[tuple[str, Image.Image | None]], results: Seque
         y = PAD + row * (THUMB + CAPTION + PAD)
         sheet.paste(_tile(qimg), (PAD, y))
         draw.rectangle((PAD - 3, y - 3, PAD + THUMB + 2, y + THUMB + 2), outline=(30, 110, 220), width=3)
-        draw.text((PAD, y + THUMB + 3), f"query: {title}"[:26], fill="black", font=font)
+        draw.text((PAD, y + THUMB + 3), f"{prefix}{title}"[:26], fill="black", font=font)
         for col, hit in enumerate(hits, start=1):
             x = PAD + col * (THUMB + PAD)
             sheet.paste(_tile(load(hit)), (x, y))

@@ -12,6 +12,7 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,26 @@ def _hit(p: Any) -> Hit:
     return Hit(_point_id(p.id), float(p.score), p.payload or {})
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search of ``Store.search_many``: the arguments of ``Store.search``."""
+
+    vectors: Any  # (n, dim), or one vector
+    k: int = 10
+    filter: Filter | None = None
+    min_score: float | None = None
+    exact: bool = False
+
+
+def _split(rows: list[Any], sizes: Sequence[int]) -> list[list[Any]]:
+    """``rows`` cut into consecutive runs of ``sizes``: one engine batch's answers back to their requests."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(rows[start:start + n])
+        start += n
+    return out
+
+
 def _quantization_kind(settings: Settings | None) -> str:
     return (settings.quantization if settings is not None else "none") or "none"
 
@@ -118,10 +139,17 @@ class Store(ABC):
     def set_payload(self, id: str, payload: dict) -> None:
         """Overwrite the given payload keys of one point; other keys stay. StoreError if it does not exist."""
 
-    @abstractmethod
     def search(self, vectors: np.ndarray, k: int = 10, filter: Filter | None = None,
                min_score: float | None = None, exact: bool = False) -> list[list[Hit]]:
         """Nearest points for each row of ``vectors`` (n, dim), best first, one list per query."""
+        return self.search_many([SearchRequest(vectors, k, filter, min_score, exact)])[0]
+
+    @abstractmethod
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[list[list[Hit]]]:
+        """Several searches, each with its own k, filter and threshold, in one engine call (one round trip
+        to a server): per request, what ``search`` would answer. The tagger asks this way for labelled
+        neighbours and for the nearest point of any kind at once."""
+
 
     @abstractmethod
     def count(self, filter: Filter | None = None) -> int: ...

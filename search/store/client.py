@@ -11,19 +11,19 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
 import search.store.base as base
 from search.config import Settings
 from search.errors import CollectionMismatch, ConfigError, StoreError, StoreUnavailable
 from search.schema import PAYLOAD_INDEXES, CollectionMeta, Filter, Hit, PointRecord
 from search.store.base import (
+    SearchRequest,
     Store,
     _hit,
     _mismatch_message,
     _point_id,
     _quantization_kind,
     _record,
+    _split,
     _vector_list,
 )
 from search.store.filters import Spelling, translate
@@ -267,24 +267,26 @@ class ClientStore(Store):
             if offset is None or not records:
                 return
 
-    def search(self, vectors: np.ndarray, k: int = 10, filter: Filter | None = None,
-               min_score: float | None = None, exact: bool = False) -> list[list[Hit]]:
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[list[list[Hit]]]:
         from qdrant_client import models
 
-        queries = self._query_matrix(vectors, self._dim(), k)
-        if len(queries) == 0:
-            return []
         quant = _quantization_kind(self.settings)
-        params = None if self._local else models.SearchParams(
-            hnsw_ef=max(base.HNSW_EF, k), exact=exact,
-            quantization=None if quant == "none" else models.QuantizationSearchParams(
-                rescore=True, oversampling=base.OVERSAMPLING[quant]))
-        flt = self._filter(filter)
-        requests = [models.QueryRequest(query=q.tolist(), limit=k, filter=flt, score_threshold=min_score,
-                                        with_payload=True, params=params) for q in queries]
+        batch, sizes = [], []
+        for req in requests:
+            queries = self._query_matrix(req.vectors, self._dim(), req.k)
+            params = None if self._local else models.SearchParams(
+                hnsw_ef=max(base.HNSW_EF, req.k), exact=req.exact,
+                quantization=None if quant == "none" else models.QuantizationSearchParams(
+                    rescore=True, oversampling=base.OVERSAMPLING[quant]))
+            flt = self._filter(req.filter)
+            batch += [models.QueryRequest(query=q.tolist(), limit=req.k, filter=flt, score_threshold=req.min_score,
+                                          with_payload=True, params=params) for q in queries]
+            sizes.append(len(queries))
+        if not batch:
+            return [[] for _ in requests]
         with self._errors("search"):
-            responses = self.client.query_batch_points(self.collection, requests=requests)
-        return [[_hit(p) for p in r.points] for r in responses]
+            responses = self.client.query_batch_points(self.collection, requests=batch)
+        return _split([[_hit(p) for p in r.points] for r in responses], sizes)
 
     def close(self) -> None:
         if self._closed:

@@ -15,19 +15,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import search.store.base as base
 from search.config import Settings
 from search.errors import CollectionMismatch, StoreError, StoreLocked
 from search.schema import PAYLOAD_INDEXES, CollectionMeta, Filter, Hit, PointRecord
 from search.store.base import (
+    SearchRequest,
     Store,
     _hit,
     _mismatch_message,
     _point_id,
     _quantization_kind,
     _record,
+    _split,
     _vector_list,
 )
 from search.store.filters import Spelling, translate
@@ -287,26 +287,27 @@ class EdgeStore(Store):
 
         return self._shard.count(qe.CountRequest(exact=False, filter=flt)) <= base.EXACT_FILTER_MAX
 
-    def search(self, vectors: np.ndarray, k: int = 10, filter: Filter | None = None,
-               min_score: float | None = None, exact: bool = False) -> list[list[Hit]]:
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[list[list[Hit]]]:
         import qdrant_edge as qe
 
         shard = self._check()
-        queries = self._query_matrix(vectors, self._dim(), k)
-        if len(queries) == 0:
-            return []
-        flt = _edge_filter(filter)
-        exact = exact or (self._indexed and flt is not None and filter is not None and bool(filter.must)
-                          and self._selective(flt))
         quant = _quantization_kind(self.settings)
-        params = qe.SearchParams(
-            hnsw_ef=max(base.HNSW_EF, k), exact=exact,
-            quantization=None if quant == "none" else qe.QuantizationSearchParams(
-                rescore=True, oversampling=base.OVERSAMPLING[quant]))
-        requests = [qe.QueryRequest(limit=k, query=qe.Query.Nearest(q.tolist()), filter=flt,
-                                    score_threshold=min_score, with_payload=True, params=params) for q in queries]
-        results = shard.query_batch(qe.QueryBatchRequest(requests))
-        return [[_hit(p) for p in hits] for hits in results]
+        batch, sizes = [], []
+        for req in requests:
+            queries = self._query_matrix(req.vectors, self._dim(), req.k)
+            flt = _edge_filter(req.filter)
+            exact = req.exact or (self._indexed and flt is not None and req.filter is not None
+                                  and bool(req.filter.must) and self._selective(flt))
+            params = qe.SearchParams(
+                hnsw_ef=max(base.HNSW_EF, req.k), exact=exact,
+                quantization=None if quant == "none" else qe.QuantizationSearchParams(
+                    rescore=True, oversampling=base.OVERSAMPLING[quant]))
+            batch += [qe.QueryRequest(limit=req.k, query=qe.Query.Nearest(q.tolist()), filter=flt,
+                                      score_threshold=req.min_score, with_payload=True, params=params)
+                      for q in queries]
+            sizes.append(len(queries))
+        results = shard.query_batch(qe.QueryBatchRequest(batch)) if batch else []
+        return _split([[_hit(p) for p in hits] for hits in results], sizes)
 
     def optimize(self, force: bool = False) -> bool:
         shard = self._check()
