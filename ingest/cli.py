@@ -1,5 +1,5 @@
-"""Getting images in and keeping them in step: ``backfill``, ``tag``, ``reconcile``, ``delete`` (registered on
-the root group by entry point)."""
+"""Getting images in and keeping them in step: ``backfill``, ``tag``, ``reconcile``, ``delete``, ``migrate``
+(registered on the root group by entry point)."""
 
 from __future__ import annotations
 
@@ -199,10 +199,62 @@ def delete(app: AppContext, ids: tuple[str, ...], uris: tuple[str, ...], as_json
         click.echo(f"{r.status:<8} {r.target}" + (f" ({', '.join(r.ids)})" if r.ids and r.ids != [r.target] else ""))
 
 
+@click.command()
+@click.option("--to", "to_model", metavar="MODEL", help="Build this model's collection and move the alias to it.")
+@click.option("--gate", "use_gate", is_flag=True,
+              help="Compare both collections on the labelled points; refuse to switch when the new one is worse.")
+@click.option("--rollback", is_flag=True, help="Move the alias back to the collection it named before.")
+@click.option("--abandon", is_flag=True, help="Stop an unfinished migration's dual writes (its collection is kept).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+@handle_errors
+def migrate(app: AppContext, to_model: str | None, use_gate: bool, rollback: bool, abandon: bool,
+            as_json: bool) -> None:
+    """Change the model without downtime: clients query the alias (LOOKALIKE_ALIAS, default `lookalike`);
+    the new model's collection is built beside the current one from the stored files (resumable: run it
+    again after an interruption), every writer also writes new images there meanwhile, and the alias moves
+    atomically at the end. The old collection is kept for --rollback."""
+    from ingest import migrate as mig
+
+    settings = app.settings()
+    if sum(map(bool, (to_model, rollback, abandon))) != 1:
+        raise click.UsageError("give exactly one of --to MODEL, --rollback, --abandon")
+    if rollback or abandon:
+        state = mig.rollback(settings) if rollback else mig.abandon(settings)
+        if as_json:
+            echo_json({"alias": settings.alias, "target": state.target, "previous": state.previous})
+        else:
+            click.echo(f"alias '{settings.alias}' → {state.target}")
+        return
+    assert to_model is not None
+    report_path = settings.data_dir / "reports" / f"migrate-{datetime.now():%Y%m%d-%H%M%S}.tsv"
+    try:
+        out = mig.migrate(settings, to_model, use_gate=use_gate, progress=not as_json, report=report_path)
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted: what was copied is kept; run the same command to resume") \
+            from None
+    for pid, reason in out.failed[:20]:
+        click.echo(f"skipping {pid}: {reason}", err=True)
+    if as_json:
+        echo_json(out.to_dict())
+    else:
+        click.echo(f"{out.source} → {out.target} ({out.model}): copied {out.copied}, already there {out.skipped}, "
+                   f"failed {len(out.failed)} in {out.seconds:.1f} s"
+                   + (f"; failures listed in {report_path}" if out.failed else ""))
+        if out.gate:
+            click.echo(f"gate on {out.gate['queries']:.0f} labelled points: kNN top-1 {out.gate['old']:.2%} "
+                       f"(old) vs {out.gate['new']:.2%} (new)")
+        click.echo(f"alias '{settings.alias}' → {out.target}" if out.switched
+                   else f"not switched: the new model is worse; alias '{settings.alias}' still → {out.source}")
+    if not out.switched:
+        raise SystemExit(1)
+
+
 def register(group: click.Group) -> None:
     group.add_command(backfill)
     group.add_command(reconcile)
     group.add_command(delete)
+    group.add_command(migrate)
     group.add_command(tag_cmd)
 
 

@@ -47,7 +47,8 @@ class BaseLookalikeSettings(BaseSettings):
     def replace(self: S, **changes: Any) -> S:
         """A copy with ``changes`` applied and validated (the environment is not read again)."""
         try:
-            return type(self).model_validate({**self.model_dump(), **changes})
+            # Only the fields that were given carry over as given: "was the model asked for?" survives a replace.
+            return type(self).model_validate({**self.model_dump(exclude_unset=True), **changes})
         except ValidationError as err:
             raise _config_error(err, type(self)) from None
 
@@ -67,7 +68,8 @@ class Settings(BaseLookalikeSettings):
 
     # -- where data lives and which store holds the vectors
     data_dir: Path = Field(default_factory=default_data_dir)
-    collection: str | None = None  # default: derived from the model name (schema.collection_name)
+    collection: str | None = None  # default: the alias's collection, else derived from the model name
+    alias: str = "lookalike"  # the name clients query; a model change moves it (lookalike migrate)
     qdrant_url: str | None = None  # unset: the embedded store under data_dir
     qdrant_api_key: str | None = None
     hnsw_threshold: int = 20_000  # embedded store builds its HNSW index past this many points

@@ -35,12 +35,12 @@ def read_query_image(uri: str, settings: Settings, *, name: str | None = None, d
     caps; ``ImageError`` names ``name`` or ``uri`` and the reason). ``data``: bytes already in hand (an
     upload). The allowed roots guard what event producers may name; a user's own query file is no event."""
     from search.config import replace
-    from search.images import decode
+    from search.images import decode_for
     from search.reading import read_bytes
 
     if data is None:
         data = read_bytes(uri, replace(settings, allowed_roots=()))
-    return decode(data, name or uri, max_pixels=settings.max_pixels).image
+    return decode_for(settings, data, name or uri).image
 
 
 class Searcher(StoreUser):
@@ -55,6 +55,7 @@ class Searcher(StoreUser):
     @property
     def embedder(self) -> Embedder:
         # Checked before the model loads: an empty store or a wrong model should not cost a model load.
+        _ = self.store  # resolves the alias: it names the collection and its model
         model = self._embedder.name if self._embedder is not None else self.settings.model
         if self.check_model(model) is None:
             raise StoreError(f"collection '{self.store.collection}' does not exist yet; run `lookalike backfill` first")
@@ -66,6 +67,32 @@ class Searcher(StoreUser):
             self.store.ensure_collection(self._embedder.meta())
             self._verified = True
         return self._embedder
+
+    def follow_alias(self) -> bool:
+        """When the alias names another collection now (``lookalike migrate`` switched it), move this searcher
+        to it and its model, between two queries; True when it moved. The old collection's handle is
+        closed once the new one is ready, so no query fails during the switch."""
+        from search.store import open_store, resolve
+
+        if not self._own_store or self._store is None or self.requested.collection:
+            return False
+        new = resolve(self.requested)
+        if new.collection == self._store.collection:
+            return False
+        store = open_store(new)
+        try:
+            embedder = self._embedder
+            if embedder is None or embedder.name != new.model:
+                from search.models import get_embedder
+
+                embedder = get_embedder(new.model, new)
+            store.ensure_collection(embedder.meta())
+        except BaseException:
+            store.close()
+            raise
+        old, self._store, self._embedder, self.settings, self._verified = self._store, store, embedder, new, True
+        old.close()
+        return True
 
     def by_vectors(self, vectors: np.ndarray, *, k: int = 10, filter: Filter | None = None,
                    min_score: float | None = None) -> list[list[Hit]]:

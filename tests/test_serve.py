@@ -320,3 +320,20 @@ def test_the_page_and_the_openapi_document_are_served(client: TestClient) -> Non
     assert {"/v1/search", "/v1/images", "/v1/points/{point_id}", "/v1/collections"} <= set(spec["paths"])
     content = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(content)
+
+
+def test_delete_and_forget_over_http(tmp_path: Path) -> None:
+    settings = serve_settings(data_dir=tmp_path / "data", model="tiny", api_key=KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for client in _client(settings):
+        a = client.post("/v1/images", files={"image": ("a.jpg", jpeg((200, 0, 0)), "image/jpeg")}, headers=auth)
+        b = client.post("/v1/images", files={"image": ("b.jpg", jpeg((0, 0, 200)), "image/jpeg")}, headers=auth)
+        a_id, b_uri = a.json()["id"], b.json()["uri"]
+        assert client.delete(f"/v1/points/{a_id}").status_code == 401  # a write: the key is needed
+        assert client.delete(f"/v1/points/{a_id}", headers=auth).json()["status"] == "deleted"
+        assert client.delete(f"/v1/points/{a_id}", headers=auth).status_code == 404
+        assert client.delete("/v1/points/nope", headers=auth).status_code == 400
+        gone = client.post("/v1/forget", json={"uris": [b_uri, "/not/indexed.jpg"]}, headers=auth).json()
+        assert [(g["status"], g["ids"]) for g in gone] == [("deleted", [b.json()["id"]]), ("absent", [])]
+        assert client.post("/v1/forget", json={"uris": []}, headers=auth).status_code == 422
+        assert client.get("/v1/collections").json()["points"] == 0

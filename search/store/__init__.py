@@ -43,6 +43,7 @@ import search.store.base as base
 from search.config import Settings
 from search.errors import CollectionMismatch, ConfigError
 from search.schema import CollectionMeta
+from search.store.aliases import Aliases, AliasState, FileAliases, ServerAliases
 from search.store.base import NAME_RE, Store, _mismatch_message
 from search.store.client import ClientStore
 from search.store.edge import META_FILE, EdgeStore, _open_edge
@@ -50,7 +51,8 @@ from search.store.lock import LOCK_FILE
 from search.store.lock import _DirLock as _DirLock  # probed by workers.app
 from search.store.lock import _locked_message as _locked_message  # used by tests
 
-__all__ = ["LOCK_FILE", "META_FILE", "ClientStore", "EdgeStore", "Store", "StoreUser", "open_store"]
+__all__ = ["LOCK_FILE", "META_FILE", "AliasState", "Aliases", "ClientStore", "EdgeStore", "Store", "StoreUser",
+           "open_aliases", "open_store", "resolve"]
 
 
 class StoreUser:
@@ -59,12 +61,14 @@ class StoreUser:
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.settings = settings
+        self.requested = settings  # before the alias was resolved (follow_alias resolves it again)
         self._store = store
         self._own_store = store is None
 
     @property
     def store(self) -> Store:
         if self._store is None:
+            self.settings = resolve(self.settings)  # the alias names the collection (and its model)
             self._store = open_store(self.settings)
         return self._store
 
@@ -87,6 +91,33 @@ class StoreUser:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_aliases(settings: Settings) -> Aliases:
+    """The aliases of the store ``settings`` name (no collection is opened)."""
+    if settings.qdrant_url:
+        return ServerAliases(ClientStore.from_settings(settings, settings.collection_name).client, owns_client=True)
+    return FileAliases((settings.data_dir.expanduser() / "qdrant").resolve())
+
+
+def resolve(settings: Settings) -> Settings:
+    """The collection (and model) to use: an explicit ``LOOKALIKE_COLLECTION`` wins; otherwise the alias
+    (``LOOKALIKE_ALIAS``) names the collection, and its model is used unless a model was asked for — a model
+    asked for that differs from the alias's uses its own collection (``lookalike_<model>``). Without an alias
+    (a store from before aliases, or an empty one), the model's own collection."""
+    if settings.collection or not settings.alias:
+        return settings
+    aliases = open_aliases(settings)
+    try:
+        state = aliases.get(settings.alias)
+        meta = aliases.meta_of(state.target) if state is not None else None
+    finally:
+        aliases.close()
+    if state is None:
+        return settings
+    if meta is not None and "model" in settings.model_fields_set and meta.model != settings.model:
+        return settings
+    return settings.replace(collection=state.target, model=meta.model if meta is not None else settings.model)
 
 
 def open_store(settings: Settings, collection: str | None = None) -> Store:

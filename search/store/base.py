@@ -13,13 +13,16 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from search.config import Settings
 from search.errors import StoreError
 from search.schema import CollectionMeta, Filter, Hit, PointRecord
+
+if TYPE_CHECKING:
+    from search.store.aliases import Aliases
 
 # HNSW parameters (both backends). Chosen in benchmarks/bench_search.py: recall@10 >= 0.98 at 100k 1280-d.
 HNSW_M = 16
@@ -150,7 +153,6 @@ class Store(ABC):
         to a server): per request, what ``search`` would answer. The tagger asks this way for labelled
         neighbours and for the nearest point of any kind at once."""
 
-
     @abstractmethod
     def count(self, filter: Filter | None = None) -> int: ...
 
@@ -160,6 +162,10 @@ class Store(ABC):
 
     @abstractmethod
     def delete(self, ids: Sequence[str]) -> None: ...
+
+    def aliases(self) -> Aliases:
+        """The aliases of the store this collection lives in (see ``search.store.aliases``)."""
+        raise NotImplementedError
 
     def optimize(self, force: bool = False) -> bool:
         """Build the ANN index where the backend needs to be told; returns whether it ran."""

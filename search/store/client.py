@@ -15,6 +15,7 @@ import search.store.base as base
 from search.config import Settings
 from search.errors import CollectionMismatch, ConfigError, StoreError, StoreUnavailable
 from search.schema import PAYLOAD_INDEXES, CollectionMeta, Filter, Hit, PointRecord
+from search.store.aliases import ServerAliases
 from search.store.base import (
     SearchRequest,
     Store,
@@ -287,6 +288,9 @@ class ClientStore(Store):
         with self._errors("search"):
             responses = self.client.query_batch_points(self.collection, requests=batch)
         return _split([[_hit(p) for p in r.points] for r in responses], sizes)
+
+    def aliases(self) -> ServerAliases:
+        return ServerAliases(self.client)
 
     def close(self) -> None:
         if self._closed:

@@ -19,6 +19,7 @@ import search.store.base as base
 from search.config import Settings
 from search.errors import CollectionMismatch, StoreError, StoreLocked
 from search.schema import PAYLOAD_INDEXES, CollectionMeta, Filter, Hit, PointRecord
+from search.store.aliases import FileAliases
 from search.store.base import (
     SearchRequest,
     Store,
@@ -105,6 +106,9 @@ class EdgeStore(Store):
             raise StoreError(f"collection '{self.collection}' does not exist in {self.root}; ingest images first "
                              f"(lookalike backfill) or choose another with --collection/LOOKALIKE_COLLECTION")
         return self._shard
+
+    def aliases(self) -> FileAliases:
+        return FileAliases(self.root)
 
     def close(self) -> None:
         with REGISTRY.mutex:

@@ -100,6 +100,17 @@ class PointOut(BaseModel):
     payload: dict[str, Any]
 
 
+class ForgetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uris: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(min_length=1, max_length=1000)
+
+
+class RemovalOut(BaseModel):
+    target: str
+    status: str = Field(description="removed (uri dropped, point kept), deleted (point gone) or absent")
+    ids: list[str]
+
+
 class CollectionOut(BaseModel):
     collection: str
     model: str
@@ -344,6 +355,20 @@ def _images_router() -> APIRouter:
 
 def _points_router() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["points"], dependencies=[Depends(read_access)], responses=ERRORS)
+
+    @router.delete("/points/{point_id}", response_model=RemovalOut, dependencies=[Depends(write_access)])
+    async def delete_point(request: Request, point_id: PointId) -> Any:
+        """Delete one point from the index (its files are not touched)."""
+        (done,) = await run_in_threadpool(_service(request).delete, [point_id])
+        if done["status"] == "absent":
+            raise RequestError(404, f"no point with id {done['target']}")
+        return done
+
+    @router.post("/forget", response_model=list[RemovalOut], dependencies=[Depends(write_access)])
+    async def forget(request: Request, body: ForgetBody) -> Any:
+        """Forget locations (the files are gone or moved): each uri leaves every point that lists it; a point
+        left without a uri is deleted. One answer per uri."""
+        return await run_in_threadpool(_service(request).forget, body.uris)
 
     @router.get("/points/{point_id}", response_model=PointOut)
     async def point(request: Request, point_id: PointId) -> Any:

@@ -68,8 +68,9 @@ def _watch(service: Any, settings: Any, dirs: tuple[Path, ...]) -> None:
     sink: Any = (BrokerSink(settings, "live", "watch") if settings.publishes_events
                  else lambda paths, labels_from_dirs: _ingest_here(service, paths))
     watcher = Watcher(roots, interval=0.25)
-    thread = threading.Thread(target=watcher.run, args=(lambda paths: sink(paths, False),), daemon=True,
-                              name="lookalike-serve-watch")
+    forget = sink.forget if settings.publishes_events else lambda paths: _forget_here(service, paths)
+    thread = threading.Thread(target=watcher.run, args=(lambda paths: sink(paths, False),),
+                              kwargs={"removed": forget}, daemon=True, name="lookalike-serve-watch")
     thread.start()
 
 
@@ -78,6 +79,11 @@ def _ingest_here(service: Any, paths: list[Path]) -> None:
 
     for outcome in service.ingest(refs_for(paths, False, "watch")):
         log.info("watch: %s %s (%s)", outcome.status, outcome.uri, outcome.reason or outcome.id)
+
+
+def _forget_here(service: Any, paths: list[Path]) -> None:
+    for removal in service.forget([str(p) for p in paths]):
+        log.info("watch: %s %s", removal["status"], removal["target"])
 
 
 def register(group: click.Group) -> None:

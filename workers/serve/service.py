@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from search.errors import ImageError, LookalikeError, ModelError, StoreError
-from search.images import decode
+from search.images import decode_for
 from search.reading import read_bytes
 from search.schema import Filter, point_id, sha256_hex
 from workers.serve.batching import MicroBatcher
@@ -93,6 +93,7 @@ class Service:
         self.pipeline: Pipeline | None = None
         self.error: str | None = None
         self._ready = threading.Event()
+        self._closed = threading.Event()
         self._write_lock = threading.Lock()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="lookalike-upload")
         self._batchers: dict[str, MicroBatcher] = {}
@@ -110,27 +111,22 @@ class Service:
     def _load(self) -> None:
         from search.models import get_embedder
         from search.query import Searcher
+        from search.store import resolve
 
         try:
             t0 = time.perf_counter()
-            embedder = self._given_embedder or get_embedder(self.settings.model, self.settings)
-            searcher = Searcher(self.settings, store=self._given_store, embedder=embedder)
+            # The alias names the collection and its model (after `lookalike migrate`, the new one).
+            settings = self.settings if self._given_store is not None else resolve(self.settings)
+            embedder = self._given_embedder or get_embedder(settings.model, settings)
+            searcher = Searcher(settings, store=self._given_store, embedder=embedder)
+            searcher.requested = self.settings
             searcher.check_model(embedder.name)  # a collection of another model is refused now, not per query
             self._exists = searcher.store.meta() is not None
-            wait = self.settings.batch_wait_ms / 1000
-            self._batchers = {
-                "image": MicroBatcher(embedder.embed_prepared, max_batch=self.settings.batch_size, wait=wait,
-                                      name="image", observe=self._observer("image")),
-                "text": MicroBatcher(embedder.embed_texts, max_batch=self.settings.batch_size, wait=wait,
-                                     name="text", observe=self._observer("text")),
-            }
-            if not self.settings.publishes_events:
-                from ingest.pipeline import Pipeline
-
-                self.pipeline = Pipeline(self.settings, store=searcher.store, embedder=embedder, source="upload")
-            self._model, self.searcher = embedder, searcher
+            self._serve_with(searcher, embedder)
             log.info("serving %s (%d-d) from %s in %.1f s", embedder.name, embedder.dim,
                      self.settings.qdrant_url or "the embedded store", time.perf_counter() - t0)
+            if self._given_store is None:
+                threading.Thread(target=self._follow, name="lookalike-serve-alias", daemon=True).start()
         except LookalikeError as err:
             self.error = str(err)
             log.error("cannot serve: %s", err)
@@ -139,6 +135,42 @@ class Service:
             log.exception("cannot serve")
         finally:
             self._ready.set()
+
+    def _serve_with(self, searcher: Searcher, embedder: Embedder) -> None:
+        """Batchers and the upload pipeline for this searcher's collection and model (swapped as a whole)."""
+        wait = self.settings.batch_wait_ms / 1000
+        old = self._batchers
+        self._batchers = {
+            "image": MicroBatcher(embedder.embed_prepared, max_batch=self.settings.batch_size, wait=wait,
+                                  name="image", observe=self._observer("image")),
+            "text": MicroBatcher(embedder.embed_texts, max_batch=self.settings.batch_size, wait=wait,
+                                 name="text", observe=self._observer("text")),
+        }
+        if not self.settings.publishes_events:
+            from ingest.pipeline import Pipeline
+
+            with self._write_lock:
+                previous, self.pipeline = self.pipeline, Pipeline(searcher.settings, store=searcher.store,
+                                                                  embedder=embedder, source="upload")
+            if previous is not None:
+                previous.close()
+        self._model, self.searcher = embedder, searcher
+        for batcher in old.values():
+            batcher.close()
+
+    def _follow(self, every: float = 2.0) -> None:
+        """Follow the alias: after `lookalike migrate` switches it, serve the new collection and model."""
+        while not self._closed.wait(every):
+            searcher = self.searcher
+            try:
+                if searcher is not None and searcher.follow_alias():
+                    assert searcher._embedder is not None
+                    self._serve_with(searcher, searcher._embedder)
+                    self._exists = True
+                    log.info("the alias now names %s (%s): serving it", searcher.store.collection,
+                             searcher.settings.model)
+            except LookalikeError as err:
+                log.warning("cannot follow the alias yet: %s", err)
 
     def _observer(self, kind: str) -> Any:
         def observe(size: int, seconds: float) -> None:
@@ -235,7 +267,7 @@ class Service:
                     embedder.embed_texts([q.query])  # raises the model's own "images only" message
                 return self._batchers["text"].submit(q.query)
             data = q.data if q.data is not None else read_bytes(q.query, self.settings)
-            image = decode(data, q.query, max_pixels=self.settings.max_pixels, draft=embedder.draft_size).image
+            image = decode_for(self.settings, data, q.query, draft=embedder.draft_size).image
             return self._batchers["image"].submit(embedder.prepare(image))
         except (ImageError, ModelError) as err:
             return err
@@ -295,7 +327,7 @@ class Service:
             raise RequestError(422, f"at most {MAX_LABELS} labels per image")
         origin = clean_text(source, "source") if source else "upload"  # checked before anything is kept
         try:
-            decoded = decode(data, filename, max_pixels=self.settings.max_pixels)
+            decoded = decode_for(self.settings, data, filename)
         except ImageError as err:
             self.metrics.uploads.labels("failed").inc()
             raise RequestError(422, f"{filename}: {err.reason}") from None
@@ -375,7 +407,31 @@ class Service:
             raise RequestError(503, f"cannot reach the broker ({type(err).__name__}); the upload was kept at "
                                     f"{ref.uri} and can be sent again") from None
 
+    # -- removals --------------------------------------------------------------------------------------
+    def forget(self, uris: Sequence[str]) -> list[dict[str, Any]]:
+        """Remove locations from the index (a point left without one is deleted); one answer per uri."""
+        return self._remove("forget", list(uris))
+
+    def delete(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Delete points by id; one answer per id."""
+        return self._remove("delete_ids", [valid_id(i) for i in ids])
+
+    def _remove(self, how: str, targets: list[str]) -> list[dict[str, Any]]:
+        searcher = self._searcher()
+        if self.pipeline is not None:
+            with self._write_lock:
+                done = getattr(self.pipeline, how)(targets)
+        else:  # uploads go to the workers: removals are applied here, under the workers' content lock
+            from ingest.pipeline import Pipeline
+            from workers.runtime import RedisContentLock, redis_for
+
+            lock = RedisContentLock(redis_for(self.settings.broker))
+            with Pipeline(searcher.settings, store=searcher.store, embedder=self._model, content_lock=lock) as p:
+                done = getattr(p, how)(targets)
+        return [{"target": r.target, "status": r.status, "ids": r.ids} for r in done]
+
     def close(self) -> None:
+        self._closed.set()
         for batcher in self._batchers.values():
             batcher.close()
         self._background.shutdown(wait=True)
