@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,49 @@ def test_compose_file_is_valid() -> None:
                                      capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
             assert f"required variable {secret} is missing" in refused.stderr, refused.stderr
     assert "change-me" not in (REPO / "docker-compose.yml").read_text()
+
+
+def test_watch_follows_deletes_and_moves_without_re_embedding(tmp_path: Path) -> None:
+    """A file removed from a watched folder leaves the index; a moved file keeps its point (same id, new
+    uri) because the new path is ingested before the old one is forgotten."""
+    from ingest.pipeline import Pipeline
+    from search.schema import point_id, sha256_hex
+    from tests.fakes import TinyEmbedder
+    from tests.imagefactory import photo
+    from workers.watch import InProcessSink, Watcher
+
+    root = tmp_path / "inbox"
+    (root / "a").mkdir(parents=True)
+    settings = get_settings(data_dir=tmp_path / "data", model="tiny", allowed_roots=(root,))
+    embedder = TinyEmbedder()
+    sink = InProcessSink(settings, "watch", Pipeline(settings, embedder=embedder, tagger=False, source="watch"))
+    watcher = Watcher((root,), interval=0.05)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(lambda paths: sink(paths, False),),
+                              kwargs={"stop": stop.is_set, "removed": sink.forget}, daemon=True)
+    store = sink.pipeline.store
+
+    def uris() -> dict[str, list[str]]:
+        return {p.id: p.payload["uris"] for p in store.scroll()} if store.meta() is not None else {}
+
+    def wait_for(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not check() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check(), uris()
+
+    thread.start()
+    try:
+        keep, drop = photo(root / "a" / "keep.jpg", seed=1), photo(root / "a" / "drop.jpg", seed=2)
+        keep_id, drop_id = (point_id(sha256_hex(p.read_bytes())) for p in (keep, drop))
+        wait_for(lambda: set(uris()) == {keep_id, drop_id})
+        calls = embedder.calls
+        drop.unlink()
+        (root / "b").mkdir()
+        moved = keep.rename(root / "b" / "keep.jpg")
+        wait_for(lambda: uris() == {keep_id: [str(moved)]})
+        assert embedder.calls == calls  # the move re-embedded nothing
+    finally:
+        stop.set()
+        thread.join(5)
+        sink.close()

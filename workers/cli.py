@@ -137,7 +137,7 @@ def watch(app: AppContext, dirs: tuple[Path, ...], interval: float, existing: bo
                f"({'ingesting in-process' if in_process else 'sending events to ' + queue}); Ctrl-C stops", err=True)
     watcher = Watcher(roots, interval=interval, existing=existing)
     try:
-        watcher.run(lambda paths: sink(paths, labels_from_dirs),
+        watcher.run(lambda paths: sink(paths, labels_from_dirs), removed=sink.forget,
                     fatal=(StoreLocked, CollectionMismatch, ModelError, ConfigError) if in_process else ())
     except KeyboardInterrupt:
         pass

@@ -7,7 +7,9 @@ Contract, version 1::
      "labels": ["cat"],             # optional: labels the producer knows (list of non-empty strings)
      "source": "uploads",           # optional: who sent it (stored in the payload's ``source``)
      "event_id": "42",              # optional: the producer's id, echoed in logs and dead letters
-     "sent_at": 1718000000.123}     # optional: UNIX seconds when it was sent (queue-wait metrics)
+     "sent_at": 1718000000.123,     # optional: UNIX seconds when it was sent (queue-wait metrics)
+     "op": "upsert"}                # optional: "upsert" (default) or "delete" — the file at uri is gone:
+                                    # the uri leaves its point, and a point left without one is deleted
 
 Unknown fields, wrong types and oversized events are refused with ``InvalidEvent`` (a reason for the dead
 letter): a typo in a producer must show up, not be silently ignored. So is anything that would fail later
@@ -52,7 +54,8 @@ MAX_LABELS = 64
 MAX_TEXT_CHARS = 256  # one label, source or event_id
 MAX_BATCH_EVENTS = 1000
 
-_FIELDS = {"version", "uri", "labels", "source", "event_id", "sent_at"}
+_FIELDS = {"version", "uri", "labels", "source", "event_id", "sent_at", "op"}
+OPS = ("upsert", "delete")
 
 
 class InvalidEvent(LookalikeError):
@@ -72,6 +75,7 @@ class Event:
     source: str | None = None
     event_id: str | None = None
     sent_at: float | None = None
+    op: str = "upsert"
     version: int = EVENT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +85,8 @@ class Event:
         for key in ("source", "event_id", "sent_at"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.op != "upsert":  # the default stays implicit: such events read the same as version-1 ones
+            out["op"] = self.op
         return out
 
     def to_ref(self) -> ImageRef:
@@ -182,8 +188,11 @@ def parse_event(raw: Any) -> Event:
         if not math.isfinite(seconds) or seconds < 0:
             raise InvalidEvent("'sent_at' must be UNIX seconds (a non-negative number)")
         sent_at = seconds
+    op = raw.get("op", "upsert")
+    if op not in OPS:
+        raise InvalidEvent(f"'op' must be one of {', '.join(OPS)}, not {str(op)[:40]!r}")
     return Event(uri=uri, labels=labels, source=_text(raw, "source"), event_id=_text(raw, "event_id"),
-                 sent_at=sent_at)
+                 sent_at=sent_at, op=op)
 
 
 def _uri_problem(uri: str) -> str | None:
@@ -215,17 +224,20 @@ def parse_batch(raw: Any) -> list[Any]:
 
 
 def make_event(uri: str, labels: tuple[str, ...] | list[str] = (), *, source: str | None = None,
-               event_id: str | None = None, sent_at: float | None = None) -> dict[str, Any]:
+               event_id: str | None = None, sent_at: float | None = None, op: str = "upsert") -> dict[str, Any]:
     """A valid version-1 event dict (validated here, so a producer bug fails at the producer)."""
-    event = Event(uri=uri, labels=tuple(labels), source=source, event_id=event_id, sent_at=sent_at).to_dict()
+    event = Event(uri=uri, labels=tuple(labels), source=source, event_id=event_id, sent_at=sent_at,
+                  op=op).to_dict()
     return parse_event(event).to_dict()
 
 
-def event_for(ref: ImageRef, *, event_id: str | None = None, sent_at: float | None = None) -> dict[str, Any]:
-    """The event that asks a worker to ingest ``ref`` (the inverse of ``Event.to_ref``)."""
+def event_for(ref: ImageRef, *, event_id: str | None = None, sent_at: float | None = None,
+              op: str = "upsert") -> dict[str, Any]:
+    """The event that asks a worker to ingest ``ref`` (the inverse of ``Event.to_ref``), or, with
+    ``op="delete"``, to forget its uri."""
     from dataclasses import asdict
 
-    return make_event(**asdict(ref), event_id=event_id, sent_at=sent_at)
+    return make_event(**asdict(ref), event_id=event_id, sent_at=sent_at, op=op)
 
 
 def resolve_queue(name: str) -> str:

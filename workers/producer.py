@@ -69,4 +69,25 @@ def unreachable(settings: Settings, err: BaseException) -> str:
             "start Redis or set LOOKALIKE_BROKER_URL")
 
 
-__all__ = ["DEFAULT_CHUNK", "enqueue_refs", "is_connection_error", "unreachable"]
+def enqueue_removals(uris: Iterable[str], settings: Settings, *, app: Any = None) -> int:
+    """Send ``op: delete`` events (one live task each) for locations that are gone; the number sent."""
+    from ingest.sources import ImageRef
+    from workers.app import make_app
+    from workers.events import INGEST_TASK, LIVE_QUEUE, event_for
+
+    app = app or make_app(settings)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for uri in uris:
+                event = event_for(ImageRef(uri), sent_at=time.time(), op="delete")
+                app.send_task(INGEST_TASK, args=[event], queue=LIVE_QUEUE, producer=producer)
+                sent += 1
+    except Exception as err:
+        if is_connection_error(err):
+            raise ConfigError(unreachable(settings, err)) from None
+        raise
+    return sent
+
+
+__all__ = ["DEFAULT_CHUNK", "enqueue_refs", "enqueue_removals", "is_connection_error", "unreachable"]

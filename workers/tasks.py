@@ -9,6 +9,8 @@ What happens to an event:
 
 =====================================================  ==================================================
 indexed / present / updated                            ack (a redelivered event is "present": no change)
+``op: delete`` — removed / deleted / absent            ack (the uri left its point; the point went too when
+                                                       it had no other uri; nothing had it)
 invalid event, unreadable or undecodable file, path    dead letter (reason, attempt count), ack
 outside the allowed roots (permanent)
 store unreachable, Redis connection error (transient)  retry: exponential backoff with jitter, at most
@@ -36,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from search.errors import StoreLocked, StoreUnavailable
+from search.errors import StoreLocked, StoreUnavailable, printable
 from workers.events import (
     BACKFILL_QUEUE,
     INGEST_BATCH_TASK,
@@ -107,8 +109,8 @@ def _dead_letter(task: Any, event: Any, reason: str, index: int, attempts: int |
 def _log_outcome(event: Event, outcome: Outcome, queue_wait: float | None) -> None:
     parts = ", ".join(f"{k} {v * 1000:.0f}" for k, v in outcome.timings.items())
     wait = f"; queued {queue_wait * 1000:.0f} ms" if queue_wait is not None else ""
-    log.info("%s %s (%s) [ms: %s]%s%s", outcome.status, event.uri, outcome.id, parts, wait,
-             f" event {event.event_id}" if event.event_id else "")
+    log.info("%s %s (%s) [ms: %s]%s%s", outcome.status, printable(event.uri), outcome.id, parts, wait,
+             f" event {printable(event.event_id)}" if event.event_id else "")
 
 
 def _summary(event: Event, outcome: Outcome, received: float) -> dict[str, Any]:
@@ -129,7 +131,7 @@ class BatchRun:
     batch: bool
     received: float = field(default_factory=time.time)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("indexed", "present", "updated", "failed", "handed_back"), 0))
+        ("indexed", "present", "updated", "removed", "deleted", "absent", "failed", "handed_back"), 0))
     results: list[dict[str, Any]] = field(default_factory=list)  # per event (uploads only)
     transient: list[tuple[int, Event, str]] = field(default_factory=list)  # (index, event, reason)
     done: int = 0  # events handled so far (the rest are handed back or timed out)
@@ -144,10 +146,21 @@ class BatchRun:
                 self._hand_back(parsed[self.done:])
                 return
             part = parsed[self.done:self.done + (YIELD_EVERY if may_yield else len(parsed))]
-            _ = pipeline.embedder  # model loaded and collection ensured (a no-op after the first time)
-            outcomes = pipeline.ingest([ev.to_ref() for _, ev in part])
-            for (i, ev), outcome in zip(part, outcomes, strict=True):
-                self._record(i, ev, outcome)
+            # Upserts before deletes: a move (delete of the old path, upsert of the new one) in one batch then
+            # finds its point by hash and keeps it, instead of deleting it and embedding the bytes again.
+            upserts = [(i, ev) for i, ev in part if ev.op == "upsert"]
+            deletes = [(i, ev) for i, ev in part if ev.op == "delete"]
+            if upserts:
+                _ = pipeline.embedder  # model loaded and collection ensured (a no-op after the first time)
+                for (i, ev), outcome in zip(upserts, pipeline.ingest([ev.to_ref() for _, ev in upserts]),
+                                            strict=True):
+                    self._record(i, ev, outcome)
+            if deletes:
+                from ingest.pipeline import Outcome
+
+                for (i, ev), removal in zip(deletes, pipeline.forget([ev.uri for _, ev in deletes]), strict=True):
+                    self._record(i, ev, Outcome(uri=ev.uri, status=removal.status,
+                                                id=removal.ids[0] if removal.ids else None))
             self.done += len(part)
 
     def _record(self, index: int, event: Event, outcome: Outcome) -> None:

@@ -21,12 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from search.errors import printable
+
 if TYPE_CHECKING:
     from ingest.sources import ImageRef
     from search.config import Settings
 
 log = logging.getLogger("workers.watch")
 
+MAX_REMOVAL_WAIT = 10.0  # seconds a vanished file waits for new files still being written (a slow copy)
 PARTIAL_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", "~")
 
 
@@ -69,20 +72,29 @@ class Watcher:
         self.exts = _image_extensions()
         self._seen: dict[Path, tuple[int, int]] = {}  # last (size, mtime) of files not yet handed over
         self._done: dict[Path, tuple[int, int]] = {}  # handed over, with the state they had then
+        self._pending_removals: list[Path] = []  # disappeared files not yet forgotten (kept across a failure)
+        self._removals_since = 0.0  # when the oldest pending removal was seen
         if not existing:
             for root in roots:
                 self._done.update(_scan(root, self.exts))
 
     def poll(self) -> list[Path]:
         """One scan; the files that are complete now (each version of a file is handed over once)."""
+        return self.poll_changes()[0]
+
+    def poll_changes(self) -> tuple[list[Path], list[Path]]:
+        """One scan: (files complete now, handed-over files that have disappeared since)."""
         ready: list[Path] = []
         current: dict[Path, tuple[int, int]] = {}
         for root in self.roots:
             current.update(_scan(root, self.exts))
+        # A rename keeps size and mtime: a new path in the state of a path that just vanished is complete now.
+        vanished = {self._done[p] for p in set(self._done) - set(current)}
         for path, state in current.items():
             if self._done.get(path) == state:
                 continue
-            if self._seen.get(path) == state and state[0] > 0:
+            renamed = path not in self._done and state in vanished
+            if (self._seen.get(path) == state or renamed) and state[0] > 0:
                 ready.append(path)
                 self._done[path] = state
                 self._seen.pop(path, None)
@@ -90,16 +102,24 @@ class Watcher:
                 self._seen[path] = state
         for gone in set(self._seen) - set(current):
             del self._seen[gone]
-        for gone in set(self._done) - set(current):
+        removed = sorted(set(self._done) - set(current))
+        for gone in removed:
             del self._done[gone]
-        return sorted(ready)
+        return sorted(ready), removed
 
     def run(self, handle: Callable[[list[Path]], None], *, stop: Callable[[], bool] = lambda: False,
-            fatal: tuple[type[BaseException], ...] = ()) -> None:
-        """Scan until ``stop()``; a failing ``handle`` is retried with the same files, except ``fatal`` errors."""
+            fatal: tuple[type[BaseException], ...] = (), removed: Callable[[list[Path]], None] | None = None) -> None:
+        """Scan until ``stop()``; a failing ``handle`` is retried with the same files, except ``fatal`` errors.
+
+        ``removed(paths)`` hears of files that disappeared, after the scan's new files were handed over: a
+        move (a new path, an old one gone) reaches the index as an upsert that finds the bytes' point, then a
+        delete of the old path — the point never disappears in between, and nothing is re-embedded."""
         while not stop():
             started = time.monotonic()
-            ready = self.poll()
+            ready, gone = self.poll_changes()
+            if gone and removed is not None:
+                self._pending_removals.extend(gone)
+                self._removals_since = self._removals_since or time.monotonic()
             if ready:
                 try:
                     handle(ready)
@@ -111,6 +131,19 @@ class Watcher:
                         self._done.pop(path, None)
                     log.error("could not hand over %d files (will retry): %s", len(ready), err)
                     time.sleep(min(5.0, max(self.interval, 1.0)))
+                    continue
+            # Forget vanished files once no new file is still being written (it may be one of them, moved or
+            # copied elsewhere: ingesting it first keeps its point), or after MAX_REMOVAL_WAIT seconds.
+            settled = not self._seen or time.monotonic() - self._removals_since > MAX_REMOVAL_WAIT
+            if self._pending_removals and removed is not None and settled:
+                try:
+                    removed(list(self._pending_removals))
+                    self._pending_removals.clear()
+                    self._removals_since = 0.0
+                except fatal:
+                    raise
+                except Exception as err:  # kept, and offered again after the next scan
+                    log.error("could not forget %d removed files (will retry): %s", len(self._pending_removals), err)
             time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
 
@@ -140,7 +173,11 @@ class InProcessSink:
     def __call__(self, paths: list[Path], labels_from_dirs: bool) -> None:
         for outcome in self.pipeline.ingest(refs_for(paths, labels_from_dirs, self.source)):
             detail = outcome.reason if outcome.status == "failed" else outcome.id
-            click.echo(f"{outcome.status} {outcome.uri} ({detail})", err=True)
+            click.echo(f"{outcome.status} {printable(outcome.uri)} ({printable(str(detail))})", err=True)
+
+    def forget(self, paths: list[Path]) -> None:
+        for removal in self.pipeline.forget([str(p) for p in paths]):
+            click.echo(f"{removal.status} {printable(removal.target)}", err=True)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -161,7 +198,14 @@ class BrokerSink:
 
         enqueue_refs(refs, self.settings, queue=self.queue, app=self.app)
         for p in paths:
-            click.echo(f"queued {p}", err=True)
+            click.echo(f"queued {printable(str(p))}", err=True)
+
+    def forget(self, paths: list[Path]) -> None:
+        from workers.producer import enqueue_removals
+
+        enqueue_removals([str(p) for p in paths], self.settings, app=self.app)
+        for p in paths:
+            click.echo(f"queued delete {printable(str(p))}", err=True)
 
     def close(self) -> None:
         pass
