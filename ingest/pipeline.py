@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ingest.duplicates import default_threshold, flag_duplicates, nearest_stored
 from search.config import Settings, get_settings
-from search.errors import ImageError, printable
+from search.errors import ContentLockLost, ImageError, printable
 from search.schema import PointRecord, build_payload, point_id, sha256_hex
 from search.store import StoreUser
 
 if TYPE_CHECKING:
+    from ingest.migrate import Mirror
     from ingest.removal import Removal
     from ingest.sources import ImageRef
     from search.models import Embedder
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_DRAFT = (448, 448)  # JPEG DCT-domain downscale target: ≥ 2× any input size we use
+LOCK_ATTEMPTS = 3  # a batch whose content lock expired mid-write is done again, at most this often
 
 
 @dataclass
@@ -107,6 +109,22 @@ class _Item:
     prepared: Future[Any] | None = None
 
 
+def default_content_lock(settings: Settings) -> Callable[[Sequence[str]], AbstractContextManager[Any]] | None:
+    """The content lock every writer of a Qdrant server takes, from the ``lookalike.locks`` entry point (the
+    workers component: Redis at LOOKALIKE_BROKER_URL); None on the embedded store, which admits one process."""
+    if settings.embedded:
+        return None
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="lookalike.locks"):
+        lock = ep.load()(settings)
+        if lock is not None:
+            return lock  # type: ignore[no-any-return]
+    log.warning("several writers on one Qdrant server need LOOKALIKE_BROKER_URL (Redis) for the content lock; "
+                "without it, concurrent writes of the same image can lose a uri or label")
+    return None
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -132,7 +150,10 @@ class Pipeline(StoreUser):
         super().__init__(settings or get_settings(), store)
         self.source = source
         self._duplicate_threshold = duplicate_threshold
-        self._content_lock = content_lock
+        # Every writer of a Qdrant server takes the same lock (entry point lookalike.locks: Redis), not only
+        # the workers: backfill, watch and serve merge uris into the same points.
+        self._content_lock = content_lock if content_lock is not None else default_content_lock(self.settings)
+        self._holding = False  # this call already holds the lock for its ids (ingest): inner sections skip it
         self._embedder = embedder
         self._tagger_opt = tagger
         self._tagger: Any = None
@@ -140,6 +161,7 @@ class Pipeline(StoreUser):
         self._exists: bool | None = None  # does the collection exist yet? (nothing to look up if not)
         threads = max(1, min(4, (os.cpu_count() or 2)))
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-decode")
+        self._mirror: Mirror | None = None
 
     # -- lazily opened parts -------------------------------------------------------------------
     @property
@@ -148,9 +170,14 @@ class Pipeline(StoreUser):
         if self._embedder is None:
             from search.models import get_embedder
 
+            store = self.store  # opening it resolves the alias: its collection's model is the one to load
             self._embedder = get_embedder(self.settings.model, self.settings)
+        else:
+            store = self.store
         if not self._checked:
-            self.store.ensure_collection(self._embedder.meta())
+            store.ensure_collection(self._embedder.meta())
+            if self.settings.alias:  # a new store's collection becomes what the alias names
+                store.aliases().ensure(self.settings.alias, store.collection)
             self._checked = self._exists = True
         return self._embedder
 
@@ -160,6 +187,7 @@ class Pipeline(StoreUser):
         per call, and workers call ``ingest`` per event."""
         if self._checked:
             return
+        _ = self.store  # resolves the alias first
         model = self._embedder.name if self._embedder is not None else self.settings.model
         self._exists = self._exists or self.check_model(model) is not None
 
@@ -199,14 +227,13 @@ class Pipeline(StoreUser):
 
     def _decode(self, item: _Item) -> tuple[Any, bool, dict[str, Any]]:
         """Decode (and prepare, once the model is loaded) one image; runs in the decode threads."""
-        from search.images import decode
+        from search.images import decode_for
 
         t0 = time.perf_counter()
         assert item.data is not None
         embedder = self._embedder
-        decoded = decode(item.data, item.ref.uri, max_pixels=self.settings.max_pixels,
-                         draft=(embedder.draft_size if embedder is not None else None) or DEFAULT_DRAFT,
-                         max_decode_bytes=self.settings.max_decode_mb * 2**20)
+        decoded = decode_for(self.settings, item.data, item.ref.uri,
+                             draft=(embedder.draft_size if embedder is not None else None) or DEFAULT_DRAFT)
         t1 = time.perf_counter()
         prepared = embedder.prepare(decoded.image) if embedder is not None else decoded.image
         item.outcome.timings["decode"] = time.perf_counter() - t0
@@ -222,6 +249,14 @@ class Pipeline(StoreUser):
         t0 = time.perf_counter()
         if ids and not self._exists:  # another process may have created the collection since we looked
             self._exists = self.store.meta() is not None
+        with self._guard(ids):  # read-merge-write of known points (the lookup, then the merges below)
+            new = self._merge_known(readable, ids, pending)
+        elapsed = time.perf_counter() - t0
+        for it in readable:
+            it.outcome.timings["lookup"] = elapsed / max(1, len(readable))
+        return new
+
+    def _merge_known(self, readable: list[_Item], ids: list[str], pending: dict[str, dict[str, Any]]) -> list[_Item]:
         known = {p.id: p.payload for p in self.store.retrieve(ids)} if ids and self._exists else {}
         merges: dict[str, dict[str, Any]] = {}
         new: list[_Item] = []
@@ -248,9 +283,7 @@ class Pipeline(StoreUser):
                 it.outcome.status = "present"
         for pid, payload in merges.items():
             self.store.set_payload(pid, {"uris": payload["uris"], "labels": payload["labels"]})
-        elapsed = time.perf_counter() - t0
-        for it in readable:
-            it.outcome.timings["lookup"] = elapsed / max(1, len(readable))
+            self.mirror.set_payload(pid, {"uris": payload["uris"], "labels": payload["labels"]})
         return new
 
     def _embed_and_store(self, new: list[_Item], pending: dict[str, dict[str, Any]]) -> None:
@@ -305,7 +338,11 @@ class Pipeline(StoreUser):
             it.outcome.tags, it.outcome.duplicate_of = tag, dup
             it.outcome.timings.update(embed=t_embed, tag=t_tag)
         t0 = time.perf_counter()
-        self.store.upsert(points)
+        with self._guard([p.id for p in points]) as locked:
+            if locked:  # another writer may have stored these bytes since our lookup: keep its uris and labels
+                self._keep_concurrent(points)
+            self.store.upsert(points)
+        self.mirror.upsert(points)
         t_up = (time.perf_counter() - t0) / len(points)
         for it, _, _ in good:
             it.outcome.timings["upsert"] = t_up
@@ -320,13 +357,20 @@ class Pipeline(StoreUser):
     def ingest(self, refs: Sequence[ImageRef]) -> list[Outcome]:
         """Ingest one small batch synchronously; outcomes in input order."""
         self._check_cheap()
-        items = list(self._pool.map(self._read, refs))
-        ids = sorted({it.outcome.id for it in items if it.outcome.id})
-        with self._content_lock(ids) if self._content_lock and ids else contextlib.nullcontext():
-            pending: dict[str, dict[str, Any]] = {}
-            new = self._classify(items, pending)
-            self._submit_decodes(new)
-            self._embed_and_store(new, pending)
+        for attempt in range(LOCK_ATTEMPTS):
+            items = list(self._pool.map(self._read, refs))
+            ids = sorted({it.outcome.id for it in items if it.outcome.id})
+            try:
+                with self._guard(ids):  # held from the lookup to the upsert: one critical section per batch
+                    pending: dict[str, dict[str, Any]] = {}
+                    new = self._classify(items, pending)
+                    self._submit_decodes(new)
+                    self._embed_and_store(new, pending)
+                break
+            except ContentLockLost as err:  # redo it: merging the same uris again changes nothing else
+                if attempt == LOCK_ATTEMPTS - 1:
+                    raise
+                log.warning("%s (attempt %d)", err, attempt + 1)
         return [it.outcome for it in items]
 
     def run(self, refs: Iterable[ImageRef], *, progress: bool = False, report: Path | None = None,
@@ -389,6 +433,35 @@ class Pipeline(StoreUser):
         bar.update(len(items))
         return report_file
 
+    @contextlib.contextmanager
+    def _guard(self, ids: Sequence[str]) -> Iterator[bool]:
+        """The content lock for ``ids`` unless this call already holds it; yields whether it was taken here."""
+        if self._content_lock is None or not ids or self._holding:
+            yield False
+            return
+        with self._content_lock(ids):
+            self._holding = True
+            try:
+                yield True
+            finally:
+                self._holding = False
+
+    def _keep_concurrent(self, points: list[PointRecord]) -> None:
+        """Merge into new points the uris and labels a concurrent writer stored for the same bytes meanwhile."""
+        for other in self.store.retrieve([p.id for p in points]):
+            mine = next(p for p in points if p.id == other.id)
+            mine.payload["uris"] = _merge(other.payload.get("uris"), mine.payload["uris"])
+            mine.payload["labels"] = _merge(other.payload.get("labels"), mine.payload["labels"])
+
+    @property
+    def mirror(self) -> Mirror:
+        """Repeats this pipeline's writes into a new model's collection while a migration runs."""
+        if self._mirror is None:
+            from ingest.migrate import Mirror
+
+            self._mirror = Mirror(self.settings, self.store)
+        return self._mirror
+
     @property
     def content_lock(self) -> Callable[[Sequence[str]], AbstractContextManager[Any]] | None:
         """The lock every writer of this pipeline's store takes around read-merge-write of point ids."""
@@ -400,7 +473,9 @@ class Pipeline(StoreUser):
 
         if not uris or not self._collection_exists():
             return [Removal(u, "absent") for u in uris]
-        return forget_uris(self.store, uris, lock=self._content_lock)
+        removals = forget_uris(self.store, uris, lock=self._content_lock)
+        self.mirror.forget(removals)
+        return removals
 
     def delete_ids(self, ids: Sequence[str]) -> list[Removal]:
         """Delete points by id, whatever their uris."""
@@ -408,7 +483,9 @@ class Pipeline(StoreUser):
 
         if not ids or not self._collection_exists():
             return [Removal(i, "absent") for i in ids]
-        return delete_ids(self.store, ids, lock=self._content_lock)
+        removals = delete_ids(self.store, ids, lock=self._content_lock)
+        self.mirror.forget(removals)
+        return removals
 
     def _collection_exists(self) -> bool:
         self._exists = self._exists or self.store.meta() is not None
@@ -416,6 +493,8 @@ class Pipeline(StoreUser):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._mirror is not None:
+            self._mirror.close()
         super().close()
 
 

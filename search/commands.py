@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from search.cli import AppContext, echo_json, handle_errors, pass_app
-from search.errors import ImageError
+from search.errors import ImageError, printable
 from search.schema import Filter, Hit
 
 
@@ -75,16 +75,16 @@ def search(app: AppContext, images: tuple[str, ...], texts: tuple[str, ...], ids
         echo_json([{**q, "results": [h.to_dict() for h in r]} for q, r in zip(queries, results, strict=True)])
     else:
         for q, hits in zip(queries, results, strict=True):
-            click.echo(f"\n{q['kind']} query: {q['query']}")
+            click.echo(f"\n{q['kind']} query: {printable(q['query'])}")
             if "error" in q:
-                click.echo(f"  (cannot read: {q['error']})")
+                click.echo(f"  (cannot read: {printable(q['error'])})")
             elif not hits:
                 click.echo("  (no results)")
             for rank, h in enumerate(hits, 1):
-                labels = ",".join(h.labels) or "-"
-                tags = ",".join(f"{t['label']}({t['score']:.2f})" for t in h.tags) or "-"
+                labels = printable(",".join(h.labels)) or "-"
+                tags = printable(",".join(f"{t['label']}({t['score']:.2f})" for t in h.tags)) or "-"
                 click.echo(f"  {rank:>2}  {h.score:.4f}  {h.id}  labels={labels}  tags={tags}  "
-                           f"{h.uris[0] if h.uris else ''}")
+                           f"{printable(h.uris[0]) if h.uris else ''}")
     if any("error" in q for q in queries):
         sys.exit(2)
 

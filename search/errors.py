@@ -7,6 +7,7 @@
      │    ├── StoreLocked        another process owns the embedded store
      │    ├── CollectionMismatch the collection was built with another model / preprocessing
      │    └── StoreUnavailable   a Qdrant server cannot be reached (transient: retry)
+     │         └── ContentLockLost  a write's lock expired before it ended: redo the write
      └── ImageError             one input image cannot be used (path + reason; the batch goes on)
           └── SourceError        a path/URI cannot be read or is not allowed
 
@@ -66,6 +67,10 @@ class CollectionMismatch(StoreError):
 
 class StoreUnavailable(StoreError):
     """A Qdrant server could not be reached; the operation may succeed later."""
+
+
+class ContentLockLost(StoreUnavailable):
+    """The lock around a read-merge-write expired before the write ended: redo the write (transient)."""
 
 
 class ImageError(LookalikeError):

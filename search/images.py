@@ -28,6 +28,7 @@ import io
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import (  # importing the plugins registers them, so Image.open never imports all of them
     BmpImagePlugin,  # noqa: F401
@@ -43,7 +44,10 @@ from PIL import (  # importing the plugins registers them, so Image.open never i
 
 from search.errors import ImageError
 
-__all__ = ["DEFAULT_MAX_DECODE_BYTES", "FORMATS", "Decoded", "ImageError", "decode", "decode_budget"]
+if TYPE_CHECKING:
+    from search.config import Settings
+
+__all__ = ["DEFAULT_MAX_DECODE_BYTES", "FORMATS", "Decoded", "ImageError", "decode", "decode_budget", "decode_for"]
 
 # Formats decode() accepts (Pillow names). MPO (multi-picture JPEG from cameras) arrives via the JPEG opener.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -169,6 +173,13 @@ def decode(data: bytes, uri: str, *, max_pixels: int, draft: tuple[int, int] | N
     finally:
         img.close()  # frees the source (rgb is always a separate image by now)
     return Decoded(rgb, width, height, fmt)
+
+
+def decode_for(settings: Settings, data: bytes, uri: str, *, draft: tuple[int, int] | None = None) -> Decoded:
+    """``decode`` with the caps of ``settings`` (``LOOKALIKE_MAX_PIXELS``, ``LOOKALIKE_MAX_DECODE_MB``): what
+    every caller that has settings should use, so no path decodes under looser limits than ingestion."""
+    return decode(data, uri, max_pixels=settings.max_pixels, draft=draft,
+                  max_decode_bytes=settings.max_decode_mb * 2**20)
 
 
 def _orientation(img: Image.Image) -> int:

@@ -28,14 +28,14 @@ def _tile(image: Image.Image | None, size: int = THUMB) -> Image.Image:
 def local_image(uris: Iterable[str], settings: Any) -> Image.Image | None:
     """The first of ``uris`` that is a readable local image (decoded small, for a tile), or None."""
     from search.errors import ImageError
-    from search.images import decode
+    from search.images import decode_for
     from search.reading import local_path, read_bytes
 
     for uri in uris:
         if local_path(uri) is None:
             continue
         try:
-            return decode(read_bytes(uri, settings), uri, max_pixels=settings.max_pixels, draft=(320, 320)).image
+            return decode_for(settings, read_bytes(uri, settings), uri, draft=(320, 320)).image
         except ImageError:
             continue
     return None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from pydantic import NonNegativeFloat, NonNegativeInt
+from pydantic import NonNegativeFloat, NonNegativeInt, ValidationInfo, field_validator
 
 from search.config import Settings, load
 from search.errors import ConfigError, printable
@@ -41,6 +41,24 @@ class WorkerSettings(Settings):
     result_backend: str | None = None
     allow_any_path: bool = False
     heartbeat_ttl: NonNegativeFloat = 3.0
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A URL that the broker's client cannot parse fails here, naming the variable, not later in a traceback (the
+        message leaves the value out: it may hold a password)."""
+        if value:
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(value)
+                _ = parts.port  # ValueError on a port that is not a number in 0-65535
+            except ValueError as err:
+                raise ValueError(f"not a usable URL ({str(err).split(':')[0]})") from None
+            if info.field_name == "broker_url" and parts.scheme not in ("redis", "rediss", "unix", "memory",
+                                                                        "sentinel"):
+                raise ValueError(f"use a redis://, rediss:// or unix:// URL, not {parts.scheme or 'no'} scheme")
+        return value
 
     @property
     def broker(self) -> str:

@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from search.errors import StoreUnavailable
+from search.errors import ContentLockLost, StoreUnavailable
 from workers.config import WorkerSettings, worker_settings
 
 if TYPE_CHECKING:
     from ingest.pipeline import Pipeline
+    from search.config import Settings
     from workers.deadletters import DeadLetters
 
 log = logging.getLogger("workers")
@@ -81,7 +82,12 @@ def process_settings(app: Any) -> WorkerSettings:
 # ---------------------------------------------------------------------------------------------- the pipeline
 class RedisContentLock:
     """``with lock(point_ids):`` — one Redis lock per point id, taken in sorted order (no deadlock between
-    workers), each expiring on its own so a killed worker cannot block a point for longer than ``ttl``."""
+    writers), each expiring on its own so a killed writer cannot block a point for longer than ``ttl``.
+
+    While held, the locks are extended every ``ttl / 3`` seconds, so a slow batch keeps them. A lock that was
+    lost anyway (Redis restarted, a process frozen past its ttl) is noticed — when extending it or at the
+    end — and raises ``ContentLockLost``: another writer may have interleaved its read-merge-write, so the
+    caller redoes its own (the pipeline retries the batch; merging uris again is idempotent)."""
 
     def __init__(self, client: Any, *, ttl: float = 120.0, wait: float = 60.0) -> None:
         self.client, self.ttl, self.wait = client, ttl, wait
@@ -90,18 +96,58 @@ class RedisContentLock:
     def __call__(self, ids: Sequence[str]) -> Iterator[None]:
         import redis.exceptions
 
-        held = []
+        held: list[Any] = []
+        lost = threading.Event()
+        done = threading.Event()
+        keeper = threading.Thread(target=self._keep, args=(held, lost, done), daemon=True,
+                                  name="lookalike-content-lock")
         try:
             for pid in sorted(set(ids)):
-                lock = self.client.lock(f"lookalike:lock:{pid}", timeout=self.ttl, blocking_timeout=self.wait)
+                # thread_local=False: the keeper thread extends the lock with the token this thread acquired it with
+                lock = self.client.lock(f"lookalike:lock:{pid}", timeout=self.ttl, blocking_timeout=self.wait,
+                                        thread_local=False)
                 if not lock.acquire():
-                    raise StoreUnavailable(f"point {pid} stayed locked by another worker for {self.wait:.0f} s")
+                    raise StoreUnavailable(f"point {pid} stayed locked by another writer for {self.wait:.0f} s")
                 held.append(lock)
+            keeper.start()
             yield
         finally:
+            done.set()
+            if keeper.is_alive():
+                keeper.join(5)
             for lock in reversed(held):
-                with contextlib.suppress(redis.exceptions.LockError):  # expired meanwhile: nothing to release
+                try:
                     lock.release()
+                except redis.exceptions.LockNotOwnedError:  # expired or taken over meanwhile
+                    lost.set()
+                except redis.exceptions.RedisError:  # Redis itself is away: the lock expires on its own
+                    lost.set()
+        if lost.is_set():
+            raise ContentLockLost(f"the content lock of {len(held)} point(s) expired during the write; "
+                                  "another writer may have changed them, so the write is done again")
+
+    def _keep(self, held: list[Any], lost: threading.Event, done: threading.Event) -> None:
+        import redis.exceptions
+
+        while not done.wait(self.ttl / 3):
+            for lock in held:
+                try:
+                    lock.extend(self.ttl, replace_ttl=True)
+                except (redis.exceptions.LockError, redis.exceptions.RedisError):
+                    lost.set()
+
+
+def content_lock_for(settings: Settings) -> RedisContentLock | None:
+    """The lock every writer of a Qdrant server takes (entry point ``lookalike.locks``, used by ``Pipeline``):
+    Redis at LOOKALIKE_BROKER_URL. None on the embedded store (one process owns it) or without a broker."""
+    from workers.config import as_worker_settings
+
+    if settings.embedded:
+        return None
+    worker = as_worker_settings(settings)
+    if not worker.broker_url:
+        return None
+    return RedisContentLock(redis_for(worker.broker))
 
 
 def default_pipeline(settings: WorkerSettings) -> Pipeline:
@@ -109,7 +155,7 @@ def default_pipeline(settings: WorkerSettings) -> Pipeline:
 
     # Workers sharing a Qdrant server must not interleave read-merge-write of one point's uris/labels
     # (nor embed the same new bytes twice and overwrite each other's uris): lock the point ids in Redis.
-    lock = None if settings.embedded else RedisContentLock(redis_for(settings.broker))
+    lock = None if settings.embedded else RedisContentLock(redis_for(settings.broker))  # the default broker too
     return Pipeline(settings, source="worker", content_lock=lock)
 
 
@@ -174,6 +220,21 @@ def redis_client(app: Any) -> Any:
     return redis_for(app_settings(app).broker)
 
 
-__all__ = ["RUNTIME", "PipelineFactory", "RedisContentLock", "Runtime", "app_settings", "dead_letters",
-           "default_pipeline", "get_pipeline", "pool_name", "process_settings", "redis_client", "redis_for",
-           "serial", "threads_per_process", "warm"]
+__all__ = [
+    "RUNTIME",
+    "PipelineFactory",
+    "RedisContentLock",
+    "Runtime",
+    "app_settings",
+    "content_lock_for",
+    "dead_letters",
+    "default_pipeline",
+    "get_pipeline",
+    "pool_name",
+    "process_settings",
+    "redis_client",
+    "redis_for",
+    "serial",
+    "threads_per_process",
+    "warm",
+]

@@ -310,10 +310,10 @@ def _embed_concatenation(refs: list[ImageRef], parts: Sequence[Embedder], settin
 
 
 def _prepare(data: bytes, uri: str, embedder: Embedder, settings: Settings) -> Any:
-    from search.images import decode
+    from search.images import decode_for
 
     try:
-        decoded = decode(data, uri, max_pixels=settings.max_pixels, draft=draft_size(embedder))
+        decoded = decode_for(settings, data, uri, draft=draft_size(embedder))
         return embedder.prepare(decoded.image)
     except ImageError as err:
         return err

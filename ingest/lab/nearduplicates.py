@@ -14,7 +14,7 @@ import numpy as np
 from ingest.lab.embedcache import EmbeddingCache, embed_images
 from ingest.lab.metrics import nearest, percent
 from search.config import Settings
-from search.images import decode
+from search.images import decode_for
 from search.reading import read_bytes
 from search.schema import sha256_hex
 
@@ -62,9 +62,9 @@ def near_duplicate_figures(data: Dataset, embedder: Embedder, cache: EmbeddingCa
     picks = rng.choice(len(data), size=min(n, len(data)), replace=False)
     items = []
     for i in picks:
-        original = decode(read_bytes(data.uris[i], settings), data.uris[i], max_pixels=settings.max_pixels).image
+        original = decode_for(settings, read_bytes(data.uris[i], settings), data.uris[i]).image
         blob = altered_copy(original, np.random.default_rng([seed, int(i)]))
-        image = decode(blob, f"altered:{data.keys[i]}", max_pixels=settings.max_pixels).image
+        image = decode_for(settings, blob, f"altered:{data.keys[i]}").image
         items.append((f"altered:{sha256_hex(blob)}", image))
     vectors, computed = embed_images(items, embedder, cache=cache)
     ids, _ = nearest(data.vectors, vectors, 10)
@@ -95,7 +95,7 @@ def _same_picture(data: Dataset, j: int, original: int, settings: Settings) -> b
 
 
 def _pixels(data: Dataset, i: int, settings: Settings) -> np.ndarray:
-    image = decode(read_bytes(data.uris[i], settings), data.uris[i], max_pixels=settings.max_pixels).image
+    image = decode_for(settings, read_bytes(data.uris[i], settings), data.uris[i]).image
     return np.asarray(image, dtype=np.int16)
 
 

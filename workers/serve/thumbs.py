@@ -17,7 +17,7 @@ from typing import Any
 
 from search.config import Settings
 from search.errors import ImageError
-from search.images import decode
+from search.images import decode_for
 from search.reading import local_path, read_bytes
 from search.schema import sha256_hex
 
@@ -54,7 +54,7 @@ class Thumbnails:
                 raw = read_bytes(uri, self.settings)
                 if sha and sha256_hex(raw) != sha:
                     continue  # the file changed since it was indexed
-                image = decode(raw, uri, max_pixels=self.settings.max_pixels, draft=(size, size)).image
+                image = decode_for(self.settings, raw, uri, draft=(size, size)).image
             except ImageError:
                 continue
             image.thumbnail((size, size))
