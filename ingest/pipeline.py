@@ -205,7 +205,7 @@ class Pipeline(StoreUser):
     # -- stages ------------------------------------------------------------------------------------
     def _read(self, ref: ImageRef) -> _Item:
         from ingest.sources import check_ref
-        from search.reading import read_bytes
+        from search.reading import TRANSIENT_ERRNOS, read_bytes
 
         item = _Item(ref=ref, outcome=Outcome(uri=ref.uri, status="failed"))
         t0 = time.perf_counter()
@@ -215,8 +215,10 @@ class Pipeline(StoreUser):
             data = read_bytes(ref.uri, self.settings)
         except ImageError as err:
             item.outcome.reason = err.reason
+            item.outcome.permanent = not err.transient  # a server error or timeout is retried by workers
         except OSError as err:  # anything read_bytes did not classify
             item.outcome.reason = printable(f"cannot read: {err.strerror or err}")
+            item.outcome.permanent = err.errno not in TRANSIENT_ERRNOS
         except Exception as err:  # a reader bug must not fail the other inputs of the batch
             item.outcome.reason = printable(f"cannot read: {type(err).__name__}: {err}")
         else:

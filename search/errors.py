@@ -76,11 +76,14 @@ class ContentLockLost(StoreUnavailable):
 class ImageError(LookalikeError):
     """One image cannot be used. ``str(err)`` is ``"<uri>: <reason>"``."""
 
-    def __init__(self, uri: str, reason: str) -> None:
+    def __init__(self, uri: str, reason: str, *, transient: bool = False) -> None:
         reason = printable(reason)  # reasons quote inputs (a redirect target, a decoder's message)
         super().__init__(f"{printable(uri)}: {reason}")
         self.uri = uri  # as given: callers match it against their inputs
         self.reason = reason
+        # True when the same read may succeed later (a server error, a timeout, an I/O hiccup): workers retry
+        # those with backoff instead of dead-lettering them at once.
+        self.transient = transient
 
 
 class SourceError(ImageError):

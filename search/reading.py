@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 from search.errors import SourceError
@@ -161,7 +161,7 @@ def _read_local(uri: str, path: Path, settings: Settings) -> bytes:
                 raise SourceError(uri, _too_big(total, limit))
             chunks.append(chunk)
     except OSError as exc:
-        raise SourceError(uri, _os_reason(exc)) from None
+        raise os_error(uri, exc) from None
     finally:
         os.close(fd)
     if total == 0:
@@ -189,7 +189,7 @@ def _open_local(uri: str, path: Path, settings: Settings) -> int:
         try:
             fd = os.open(path, pin)
         except OSError as exc:
-            raise SourceError(uri, _os_reason(exc)) from None
+            raise os_error(uri, exc) from None
     else:
         try:
             real = Path(os.path.realpath(path))
@@ -212,7 +212,7 @@ def _open_local(uri: str, path: Path, settings: Settings) -> int:
         readable = os.open(f"/proc/self/fd/{fd}", _READ_FLAGS)  # the same inode, whatever the path is now
     except OSError as exc:
         os.close(fd)
-        raise SourceError(uri, _os_reason(exc)) from None
+        raise os_error(uri, exc) from None
     except BaseException:
         os.close(fd)
         raise
@@ -252,7 +252,7 @@ def _open_beneath(uri: str, root: Path, parts: tuple[str, ...], flags: int) -> i
             fd = _walk_beneath(root_fd, parts, flags)
         return fd
     except OSError as exc:
-        raise SourceError(uri, _os_reason(exc)) from None
+        raise os_error(uri, exc) from None
     finally:
         os.close(root_fd)
 
@@ -320,6 +320,19 @@ def _openat2(dir_fd: int, relative: str, flags: int, resolve: int) -> int | None
     raise OSError(err, os.strerror(err))
 
 
+# Local read errors that may pass: the device or network file system hiccuped, the process ran out of
+# descriptors or memory for a moment. Everything else (no such file, permission denied…) is permanent.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE,
+                              errno.ENFILE, errno.ENOMEM, errno.EBUSY, errno.ENOLCK})
+# HTTP statuses worth asking again: the server was busy, failing, or asked us to slow down.
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def os_error(uri: str, exc: OSError) -> SourceError:
+    """The SourceError for an OSError while reading ``uri`` (transient for the errnos that may pass)."""
+    return SourceError(uri, _os_reason(exc), transient=exc.errno in TRANSIENT_ERRNOS)
+
+
 def _os_reason(exc: OSError) -> str:
     reasons = {
         errno.ENOENT: "no such file",
@@ -376,7 +389,35 @@ def _refused_address(address: str, allowed: Sequence[str] = ()) -> str | None:
     return None
 
 
-def _vetted_target(uri: str, url: str, allowed: Sequence[str] = ()) -> tuple[str, str, int, str, list[str]]:
+def _resolve_until(host: str, port: int, deadline: float) -> list[str]:
+    """``_resolve`` bounded by ``deadline``: getaddrinfo has no timeout of its own (a slow resolver took 4 s
+    against a 1 s LOOKALIKE_FETCH_TIMEOUT), so it runs in a thread that is abandoned at the deadline."""
+    result: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            result.append(_resolve(host, port))
+        except BaseException as err:  # handed to the caller's thread
+            result.append(err)
+
+    thread = threading.Thread(target=lookup, daemon=True, name="lookalike-resolve")
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not result:
+        raise TimeoutError(f"resolving {host!r} took longer than the fetch timeout")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return list(result[0])
+
+
+def ssl_errors() -> tuple[type[BaseException], ...]:
+    import ssl
+
+    return (ssl.SSLError, ssl.CertificateError)
+
+
+def _vetted_target(uri: str, url: str, allowed: Sequence[str] = (),
+                   deadline: float | None = None) -> tuple[str, str, int, str, list[str]]:
     """(scheme, host, port, path+query, addresses) for ``url``, every resolved address public; else raise.
 
     ``uri`` is what the caller asked for (named in errors); ``url`` differs from it after a redirect.
@@ -400,9 +441,13 @@ def _vetted_target(uri: str, url: str, allowed: Sequence[str] = ()) -> tuple[str
     if (host.lower() == "localhost" or host.lower().endswith(".localhost")) and _refused_address("127.0.0.1", allowed):
         raise SourceError(uri, f"refused: {host} is a loopback address{hop}")
     try:
-        addresses = _resolve(host, port)
+        addresses = _resolve(host, port) if deadline is None else _resolve_until(host, port, deadline)
+    except TimeoutError:
+        raise SourceError(uri, _TIMED_OUT, transient=True) from None
     except (OSError, UnicodeError) as exc:
-        raise SourceError(uri, f"cannot resolve host {host!r}: {exc}{hop}") from None
+        # EAI_AGAIN: the resolver could not answer now (a name that does not exist is EAI_NONAME: permanent)
+        again = isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
+        raise SourceError(uri, f"cannot resolve host {host!r}: {exc}{hop}", transient=again) from None
     if not addresses:
         raise SourceError(uri, f"cannot resolve host {host!r}{hop}")
     for address in addresses:
@@ -471,7 +516,7 @@ def _fetch(uri: str, settings: Settings) -> bytes:
     deadline = time.monotonic() + settings.fetch_timeout
     url = uri
     for _hop in range(MAX_REDIRECTS + 1):
-        scheme, host, port, target, addresses = _vetted_target(uri, url, settings.fetch_allow_networks)
+        scheme, host, port, target, addresses = _vetted_target(uri, url, settings.fetch_allow_networks, deadline)
         with _Watchdog(deadline) as watchdog:
             try:
                 response = _request(uri, watchdog, scheme, host, port, target, addresses)
@@ -482,14 +527,18 @@ def _fetch(uri: str, settings: Settings) -> bytes:
                     url = urljoin(url, location.strip())
                     continue
                 if response.status != 200:
-                    raise SourceError(uri, f"HTTP {response.status} {response.reason}".rstrip())
+                    raise SourceError(uri, f"HTTP {response.status} {response.reason}".rstrip(),
+                                      transient=response.status in TRANSIENT_HTTP)
                 return _read_body(uri, watchdog, response, settings.max_bytes)
             except SourceError:
                 raise
             except Exception as exc:  # OSError, ssl.SSLError, http.client.HTTPException (IncompleteRead, ...)
                 if isinstance(exc, TimeoutError) or watchdog.expired:
-                    raise SourceError(uri, _TIMED_OUT) from None
-                raise SourceError(uri, f"fetch failed: {type(exc).__name__}: {exc}") from None
+                    raise SourceError(uri, _TIMED_OUT, transient=True) from None
+                # Refused, reset, unreachable: the host may be back soon. A TLS or protocol error will not pass.
+                raise SourceError(uri, f"fetch failed: {type(exc).__name__}: {exc}",
+                                  transient=isinstance(exc, ConnectionError | OSError)
+                                  and not isinstance(exc, ssl_errors())) from None
     raise SourceError(uri, f"too many redirects (more than {MAX_REDIRECTS})")
 
 
@@ -500,7 +549,7 @@ def _request(
     for i, address in enumerate(addresses):
         left = watchdog.deadline - time.monotonic()
         if left <= 0:
-            raise SourceError(uri, _TIMED_OUT)
+            raise SourceError(uri, _TIMED_OUT, transient=True)
         conn = watchdog.conn = _connection(scheme, host, port, address, left)
         try:
             conn.connect()
@@ -528,9 +577,9 @@ def _read_body(uri: str, watchdog: _Watchdog, response: http.client.HTTPResponse
             raise SourceError(uri, _too_big(total, limit))
         chunks.append(chunk)
         if watchdog.expired:
-            raise SourceError(uri, _TIMED_OUT)
+            raise SourceError(uri, _TIMED_OUT, transient=True)
     if watchdog.expired:  # the watchdog shut the socket: what we have is cut short
-        raise SourceError(uri, _TIMED_OUT)
+        raise SourceError(uri, _TIMED_OUT, transient=True)
     if total == 0:
         raise SourceError(uri, "empty file")
     return b"".join(chunks)

@@ -359,6 +359,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self.path
         if path == "/img":
             self._send(200, self.body)
+        elif path.startswith("/status/"):  # /status/N answers HTTP N
+            self._send(int(path.rsplit("/", 1)[1]), b"nope")
         elif path.startswith("/hop/"):  # /hop/N redirects N more times, then to /img
             n = int(path.rsplit("/", 1)[1])
             self._redirect("/img" if n == 0 else f"/hop/{n - 1}")
@@ -519,3 +521,55 @@ def test_https_verifies_the_certificate_against_the_name_not_the_address(tls_ser
     assert read_bytes(f"https://images.test:{port}/img", ON) == _Handler.body
     reason = _reason(f"https://other.test:{port}/img", ON)  # same address, a name the certificate does not hold
     assert reason.startswith("fetch failed: SSLCertVerificationError")
+
+
+# ---------------------------------------------------------------------------------------------- transient or not
+@pytest.mark.parametrize(("status", "transient"), [(503, True), (502, True), (429, True), (500, True),
+                                                    (404, False), (403, False), (410, False)])
+def test_server_errors_are_transient_and_client_errors_are_not(server: tuple[str, list[str]], status: int,
+                                                                transient: bool) -> None:
+    base, _ = server
+    with pytest.raises(SourceError) as err:
+        read_bytes(f"{base}/status/{status}", ON)
+    assert err.value.reason.startswith(f"HTTP {status}") and err.value.transient is transient
+
+
+def test_timeouts_and_refused_connections_are_transient(server: tuple[str, list[str]]) -> None:
+    base, _ = server
+    with pytest.raises(SourceError) as err:
+        read_bytes(f"{base}/slow", Settings(fetch_urls=True, fetch_timeout=0.4, fetch_allow_networks=LOOPBACK))
+    assert err.value.transient
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(SourceError) as err:
+        read_bytes(f"http://127.0.0.1:{port}/img", ON)
+    assert err.value.transient  # nobody listens now; a restarted image server will
+    with pytest.raises(SourceError) as err:
+        read_bytes("/no/such/file.jpg", Settings())
+    assert not err.value.transient
+
+
+def test_the_fetch_timeout_covers_name_resolution(no_network: list[tuple[str, int]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resolver that hangs for 3 s cannot stretch a 0.5 s fetch timeout (getaddrinfo has no timeout)."""
+    monkeypatch.setattr(reading, "_resolve", lambda host, port: time.sleep(3) or ["93.184.216.34"])
+    started = time.monotonic()
+    with pytest.raises(SourceError) as err:
+        read_bytes("https://slow-dns.example/a.jpg", Settings(fetch_urls=True, fetch_timeout=0.5))
+    assert time.monotonic() - started < 1.5
+    assert err.value.reason == "timed out (LOOKALIKE_FETCH_TIMEOUT)" and err.value.transient
+
+
+def test_a_transient_read_error_makes_a_retryable_outcome(server: tuple[str, list[str]], tmp_path: Path) -> None:
+    from ingest.pipeline import Pipeline
+    from ingest.sources import ImageRef
+    from tests.fakes import TinyEmbedder
+
+    base, _ = server
+    settings = ON.replace(data_dir=tmp_path / "data")
+    with Pipeline(settings, embedder=TinyEmbedder(), tagger=False) as p:
+        busy, gone = p.ingest([ImageRef(f"{base}/status/503"), ImageRef(f"{base}/status/404")])
+    assert (busy.status, busy.permanent) == ("failed", False)  # a worker retries it with backoff
+    assert (gone.status, gone.permanent) == ("failed", True)  # dead-lettered at once
+
