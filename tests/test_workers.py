@@ -316,6 +316,37 @@ def test_transient_failures_retry_until_the_store_returns(env: Env) -> None:
     assert env.dead().count() == 0
 
 
+def test_an_image_server_that_is_briefly_down_is_retried_not_dead_lettered(env: Env) -> None:
+    """HTTP 503 twice, then the image: the event is retried with backoff and indexed (a 404 would not be)."""
+    import http.server
+    import threading
+
+    body = photo(env.tmp / "remote.jpg", 5).read_bytes()
+    calls: list[int] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            calls.append(1)
+            status, data = (503, b"busy") if len(calls) <= 2 else (200, body)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        env.start(LOOKALIKE_FETCH_URLS="1", LOOKALIKE_FETCH_ALLOW_NETWORKS="127.0.0.0/8", LOOKALIKE_RETRY_BACKOFF="1")
+        env.send(make_event(f"http://127.0.0.1:{httpd.server_address[1]}/remote.jpg"))
+        env.wait(lambda: any(d["status"] == "indexed" for d in env.done()), what="the event after the server is back")
+        assert len(calls) == 3 and env.dead().count() == 0
+    finally:
+        httpd.shutdown()
+
+
 def test_poison_events_are_dead_lettered_and_good_ones_go_through(env: Env) -> None:
     from tests import imagefactory
 
