@@ -37,6 +37,19 @@ from search.store.lock import LOCK_FILE, REGISTRY, _DirLock, _locked_message
 log = logging.getLogger(__name__)
 
 META_FILE = "lookalike.json"
+FLUSH_EVERY = 256  # single writes between two full flushes of the shard (each one is also fsynced in the WAL)
+
+
+def sync_wal(folder: Path) -> None:
+    """fsync every file of the engine's write-ahead log, and the folder (a new log segment's name)."""
+    with os.scandir(folder) as entries:
+        names = [e.path for e in entries if e.is_file(follow_symlinks=False)]
+    for name in [*names, str(folder)]:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @functools.cache
@@ -68,6 +81,7 @@ class EdgeStore(Store):
         self.path = root / collection
         self._lock = lock
         self._refs = 1
+        self._unflushed = 0  # single writes since the last full flush (see _written)
         self._pid = os.getpid()
         self._closed = False
         self._shard: Any = None
@@ -135,10 +149,21 @@ class EdgeStore(Store):
         self._alive()
         if self._shard is not None:  # nothing was ever written: nothing to flush
             self._shard.flush()
+            self._unflushed = 0
 
     def _written(self) -> None:
-        if self.sync_writes and not self._bulk_depth:
+        """Make a single write durable before it returns. The engine writes it to its write-ahead log first
+        (which already survives a killed process, and is replayed on load); fsyncing the log's files makes it
+        survive an OS crash too, for ~1 ms. The engine's own ``flush()`` also writes the segments out (~30 ms
+        measured), so it runs only every ``FLUSH_EVERY`` writes, to bound replay, and when the store closes."""
+        if not self.sync_writes or self._bulk_depth:
+            return
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_EVERY:
             self._shard.flush()
+            self._unflushed = 0
+        else:
+            sync_wal(self.path / "wal")
 
     # metadata
     def _read_meta(self) -> None:
