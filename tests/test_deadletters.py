@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import pickle
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -190,13 +189,6 @@ def test_a_refused_message_keeps_its_event_and_never_unpickles() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- with Redis
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def store(redis_server: RedisServer) -> DeadLetters:
     redis_server.client().flushall()
