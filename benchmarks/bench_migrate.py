@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,10 @@ def main() -> None:
     state = aliases.get(settings.alias)
     if state is not None and state.target != "lookalike_efficientnet_lite0":  # a previous run switched it
         mig.rollback(settings)
+    if state is not None and state.migration is not None:
+        mig.abandon(settings)
+    # A previous run's new collection would make this one a resume: time the whole build.
+    shutil.rmtree(args.data / "qdrant" / f"lookalike_{args.to.replace('-', '_')}", ignore_errors=True)
 
     latencies: list[float] = []
     collections: list[str] = []
@@ -74,16 +79,19 @@ def main() -> None:
         thread = threading.Thread(target=loop, daemon=True)
         thread.start()
         out = mig.migrate(settings, args.to, use_gate=True)
+        gated = out
+        if not out.switched:  # the gate kept the old model: switch anyway (a resume: nothing is re-embedded),
+            out = mig.migrate(settings, args.to)  # to measure the switch under the query loop
         time.sleep(3)  # the loop moves to the new collection between two queries
         stop.set()
         thread.join(30)
-    result = {**out.to_dict(), "points_per_s": (out.copied + out.skipped) / out.seconds,
+    result = {"first_run": gated.to_dict(), "switch_run": out.to_dict(),
+              "points_per_s": (gated.copied + gated.skipped) / gated.seconds,
               "queries": len(latencies), "failed_queries": len(errors), "errors": errors[:5],
               "query_p50_ms": statistics.median(latencies) * 1000, "query_max_ms": max(latencies) * 1000,
               "first_collection": collections[0], "last_collection": collections[-1]}
-    back = mig.rollback(settings)
-    result["after_rollback"] = back.target
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
+    print(json.dumps({"after_rollback": mig.rollback(settings).target}))
 
 
 if __name__ == "__main__":
