@@ -16,9 +16,12 @@ What is kept, and why it can be replayed:
 * Producer-supplied names are bounded and sanitised: the task-id part of an entry id keeps
   ``[A-Za-z0-9._:@+=-]`` and at most ``MAX_KEY_CHARS`` characters; queue and task names lose control
   characters and are cut to ``MAX_NAME_CHARS``.
-* An entry id is ``<key>:<digest of the event>``, where the key comes from the Celery task id, attempt and
-  position. The same failure handled twice (a redelivery after a crash) overwrites its own entry; a
-  different event that reuses a task id gets an entry of its own.
+* An entry id is ``<key>:<digest of the event>``. For an event that fails on its own the key is the id of
+  the chunk it was first sent in (its Celery task id; the rest of a chunk handed back keeps it), for a task
+  that fails as a whole its id, attempt and position (``workers.tasks``). The same failure handled twice (a
+  redelivery after a crash, a killed child's retry, a chunk handed back and then retried) overwrites its own
+  entry; a different event that reuses a task id gets an entry of its own (the same event twice in one
+  chunk, one).
 * Replay sends each event again as ``lookalike.ingest`` to ``lookalike.live`` or ``lookalike.backfill``
   (the recorded queue when it is one of these, else by task) — never to a queue name a producer chose —
   then deletes the entry; sending twice is harmless (ingestion is idempotent).
@@ -144,8 +147,8 @@ class DeadLetters:
 
     def add(self, event: Any, reason: str, *, attempts: int = 1, id: str, queue: str | None = None,
             task: str | None = None) -> DeadLetter:
-        """Store ``event`` with ``reason``; ``id`` is the stable key of this failure (task id, attempt,
-        position), made safe and extended with a digest of the event. Returns the entry as stored."""
+        """Store ``event`` with ``reason``; ``id`` is the stable key of this failure (see the module
+        docstring), made safe and extended with a digest of the event. Returns the entry as stored."""
         kept, truncated = keep(event)
         first_line = reason.splitlines()[0] if reason and reason.strip() else "unknown"
         entry = DeadLetter(id=f"{safe_key(id)}:{digest(event)}", event=kept, reason=first_line[:MAX_REASON_CHARS],

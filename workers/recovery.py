@@ -20,6 +20,14 @@ left its message invisible for ten minutes. So every worker process that consume
   message is never restored twice, nor restored while its holder acks it, nor restored at the same time as
   kombu's own sweep (which WATCHes ``unacked``) restores it.
 
+A message is never only in a process's memory either: the consumer *moves* each message from its queue to
+an in-flight list of its own (``lookalike:inflight:<id>#<session>:<queue key>``, listed with its holder
+record in the ``lookalike:inflight`` hash) and takes it out of that list in the same MULTI as it records it
+as held (``workers.transport``). The scan puts what a gone holder, or an earlier session of this process,
+left in such a list back at the head of its queue (``RESTORE_INFLIGHT``, same checks), and a monitor that
+stops puts its own back (a warm shutdown drops a reply that was not read yet). Such a message goes back as it
+was taken: it never reached a task, so it does not count towards ``lookalike_recovered``.
+
 A holder counts as dead once this monitor has seen its heartbeat missing for ``grace`` (``2·ttl/3``): one
 missed refresh after a Redis restart (which may drop the short-lived keys) does not make live workers
 steal each other's messages. Worst case from a kill to the message being back on its queue: the TTL, plus
@@ -48,6 +56,7 @@ from typing import Any
 log = logging.getLogger("workers.recovery")
 
 HOLDERS_KEY = "lookalike:holders"
+INFLIGHT_KEY = "lookalike:inflight"  # hash: in-flight list → holder record ([id, queue key, session])
 HEARTBEAT_PREFIX = "lookalike:worker:"
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"  # kombu's Redis transport defaults
 DEFAULT_TTL = 3.0
@@ -63,6 +72,29 @@ if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 or ARGV[3] == '' then return 0 end
 redis.call('RPUSH', KEYS[5], ARGV[3])
 return 1
 """
+
+
+# KEYS: the in-flight registry, the in-flight list, the holder's heartbeat, the queue.
+# ARGV: the list's holder record, "own" (an earlier session of this process).
+RESTORE_INFLIGHT = """
+if redis.call('HGET', KEYS[1], KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= 'own' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local n = 0
+local item = redis.call('RPOP', KEYS[2])
+while item do
+  redis.call('RPUSH', KEYS[4], item)
+  n = n + 1
+  item = redis.call('RPOP', KEYS[2])
+end
+redis.call('HDEL', KEYS[1], KEYS[2])
+return n
+"""
+
+
+def inflight_key(monitor: Monitor, queue_key: str) -> str:
+    """The list holding what ``monitor``'s current session has taken from ``queue_key`` but not yet recorded
+    as held."""
+    return f"{INFLIGHT_KEY}:{monitor.id}#{monitor.session}:{queue_key}"
 
 
 def heartbeat_key(worker: str) -> str:
@@ -102,6 +134,7 @@ class Monitor:
         self.id = f"{name or socket.gethostname()}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self._restore = client.register_script(RESTORE)
+        self._restore_inflight = client.register_script(RESTORE_INFLIGHT)
         self.session = 0  # this process's broker connection count (see ``new_session``)
         self._missing: dict[str, float] = {}  # holder → when this monitor first saw it gone
         self._stop = threading.Event()
@@ -124,20 +157,22 @@ class Monitor:
         """Restore the messages of holders gone for at least ``grace``; returns how many were restored."""
         now = time.monotonic() if now is None else now
         holders: dict[str, list[tuple[str, str, str | None]]] = {}  # holder key → [(tag, record, queue)]
+        lists: dict[str, list[tuple[str, str, str]]] = {}  # holder key → [(in-flight list, record, queue key)]
         heartbeats: dict[str, str | None] = {}  # holder key → heartbeat key to check (None: own, gone)
-        for tag, record in self.client.hgetall(HOLDERS_KEY).items():
-            try:
-                worker, queue, *rest = json.loads(record)
-                session = int(rest[0]) if rest else 0
-            except (ValueError, TypeError):
-                log.error("ignoring a malformed %s entry for %s: %r", HOLDERS_KEY, _text(tag), record[:200])
-                continue
-            if worker == self.id and session >= self.session:
-                continue  # held by this process's live connection
-            key = f"{worker}#{session}" if worker == self.id else str(worker)
-            heartbeats[key] = None if worker == self.id else heartbeat_key(str(worker))
-            holders.setdefault(key, []).append((_text(tag), _text(record), queue))
-        if not holders:
+        for source, into in ((HOLDERS_KEY, holders), (INFLIGHT_KEY, lists)):
+            for field, record in self.client.hgetall(source).items():
+                try:
+                    worker, queue, *rest = json.loads(record)
+                    session = int(rest[0]) if rest else 0
+                except (ValueError, TypeError):
+                    log.error("ignoring a malformed %s entry for %s: %r", source, _text(field), record[:200])
+                    continue
+                if worker == self.id and session >= self.session:
+                    continue  # held by this process's live connection
+                key = f"{worker}#{session}" if worker == self.id else str(worker)
+                heartbeats[key] = None if worker == self.id else heartbeat_key(str(worker))
+                into.setdefault(key, []).append((_text(field), _text(record), queue))  # type: ignore[arg-type]
+        if not heartbeats:
             self._missing.clear()
             return 0
         others = [k for k, beat in heartbeats.items() if beat is not None]
@@ -145,14 +180,27 @@ class Monitor:
         for key in others:
             pipe.exists(heartbeats[key])
         alive = {k for k, exists in zip(others, pipe.execute(), strict=True) if exists}
-        gone = [k for k in holders if k not in alive]
+        gone = [k for k in heartbeats if k not in alive]
         self._missing = {k: self._missing.get(k, now) for k in gone}
         restored = 0
         for key in gone:
             if now - self._missing[key] >= self.grace:
                 beat = heartbeats[key]
-                restored += sum(self._restore_one(beat, *held) for held in holders[key])
+                restored += sum(self._restore_one(beat, *held) for held in holders.get(key, []))
+                restored += sum(self._restore_list(beat, *taken) for taken in lists.get(key, []))
         return restored
+
+    def _restore_list(self, beat: str | None, name: str, record: str, queue: str) -> int:
+        """Put back what a gone holder (``beat``: its heartbeat key; None for this process's own earlier
+        session) left in its in-flight list ``name``, and forget the list."""
+        if not isinstance(queue, str) or not queue:
+            return 0
+        keys = [INFLIGHT_KEY, name, beat or heartbeat_key(self.id), queue]
+        done = int(self._restore_inflight(keys=keys, args=[record, "" if beat else "own"]))
+        if done:
+            log.warning("%s had taken %d message(s) from %s: put back", f"dead worker {beat[len(HEARTBEAT_PREFIX):]}"
+                        if beat else "a lost broker connection", done, queue)
+        return done
 
     def _restore_one(self, beat: str | None, tag: str, record: str, queue: str | None) -> int:
         """Restore one tag of a gone holder (``beat``: its heartbeat key; None for this process's own
@@ -202,11 +250,18 @@ class Monitor:
                 return
 
     def stop(self) -> None:
-        """Stop beating and drop the heartbeat (only in the process that started it)."""
+        """Stop beating, put back what this process took but never held (a warm shutdown drops an unread
+        reply) and drop the heartbeat (only in the process that started it)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.every + 5)
         if os.getpid() == self.pid:
+            with contextlib.suppress(Exception):
+                self.session += 1  # every session of this process is over: restore them all as its own
+                for name, record in self.client.hgetall(INFLIGHT_KEY).items():
+                    worker, queue, *_ = json.loads(record)
+                    if worker == self.id:
+                        self._restore_list(None, _text(name), _text(record), queue)
             with contextlib.suppress(Exception):
                 self.client.delete(heartbeat_key(self.id))
 
@@ -255,5 +310,5 @@ def alive(client: Any) -> list[dict[str, Any]]:
     return sorted(out, key=lambda x: str(x.get("id")))
 
 
-__all__ = ["DEFAULT_TTL", "HEARTBEAT_PREFIX", "HOLDERS_KEY", "Monitor", "alive", "current", "heartbeat_key",
-           "marked_payload", "start"]
+__all__ = ["DEFAULT_TTL", "HEARTBEAT_PREFIX", "HOLDERS_KEY", "INFLIGHT_KEY", "Monitor", "alive", "current",
+           "heartbeat_key", "inflight_key", "marked_payload", "start"]

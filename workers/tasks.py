@@ -95,15 +95,30 @@ def _queue_of(task: Any) -> str | None:
     return info.get("routing_key")
 
 
-def _letter_id(task: Any, index: int) -> str:
-    # Same task id + attempt + position on a redelivery: the entry overwrites itself.
-    return f"{task.request.id}:{task.request.retries or 0}:{index}"
+# The rest of a chunk handed back (``BatchRun._hand_back``) names the chunk it came from (its first task id).
+CHUNK_HEADER = "lookalike_chunk"
 
 
-def _dead_letter(task: Any, event: Any, reason: str, index: int, attempts: int | None = None) -> None:
+def _chunk_of(task: Any) -> str:
+    """The id of the chunk this task's events were first sent in: its own task id, unless it is the rest of
+    a chunk handed back."""
+    value = getattr(task.request, CHUNK_HEADER, None)
+    return value if isinstance(value, str) and value else str(task.request.id)
+
+
+def _letter_id(task: Any) -> str:
+    """The key of an event's dead letter (``DeadLetters.add`` appends a digest of the event): the chunk it
+    was first sent in. The same failure handled again therefore overwrites its entry, however it comes back:
+    redelivered after a crash (same task id), retried after its child was killed (same id, ``retries`` + 1:
+    the attempt was part of the key, and the soak test found such chunks' invalid events dead-lettered
+    twice), or both handed back to the queue and retried whole (the rest runs as a new task, whose header
+    names the chunk)."""
+    return _chunk_of(task)
+
+
+def _dead_letter(task: Any, event: Any, reason: str, attempts: int | None = None) -> None:
     dead_letters(task.app).add(event, reason, attempts=attempts or (task.request.retries or 0) + 1,
-                               id=_letter_id(task, index), queue=_queue_of(task) or LIVE_QUEUE,
-                               task=task.name)
+                               id=_letter_id(task), queue=_queue_of(task) or LIVE_QUEUE, task=task.name)
 
 
 def _log_outcome(event: Event, outcome: Outcome, queue_wait: float | None) -> None:
@@ -136,9 +151,9 @@ class BatchRun:
     transient: list[tuple[int, Event, str]] = field(default_factory=list)  # (index, event, reason)
     done: int = 0  # events handled so far (the rest are handed back or timed out)
 
-    def dead_letter(self, event: Any, reason: str, index: int) -> None:
+    def dead_letter(self, event: Any, reason: str) -> None:
         self.counts["failed"] += 1
-        _dead_letter(self.task, event, reason, index)
+        _dead_letter(self.task, event, reason)
 
     def run(self, pipeline: Any, parsed: list[tuple[int, Event]], may_yield: bool) -> None:
         while self.done < len(parsed):
@@ -168,7 +183,7 @@ class BatchRun:
         if outcome.status != "failed":
             self.counts[outcome.status] += 1
         elif outcome.permanent:
-            self.dead_letter(event.to_dict(), outcome.reason or "failed", index)
+            self.dead_letter(event.to_dict(), outcome.reason or "failed")
         else:
             self.transient.append((index, event, outcome.reason or "failed"))
         if not self.batch:
@@ -176,7 +191,8 @@ class BatchRun:
 
     def _hand_back(self, rest: list[tuple[int, Event]]) -> None:
         events = [ev.to_dict() for _, ev in rest]
-        self.task.app.send_task(INGEST_BATCH_TASK, args=[events], queue=_queue_of(self.task) or BACKFILL_QUEUE)
+        self.task.app.send_task(INGEST_BATCH_TASK, args=[events], queue=_queue_of(self.task) or BACKFILL_QUEUE,
+                                headers={CHUNK_HEADER: _chunk_of(self.task)})
         self.counts["handed_back"] = len(events)
         log.info("uploads waiting: handed %d backfill events back to the queue", len(events))
 
@@ -187,8 +203,8 @@ class BatchRun:
             return
         retries = self.task.request.retries or 0
         if policy.exhausted(retries):
-            for i, ev, reason in self.transient:
-                self.dead_letter(ev.to_dict(), f"{reason} (gave up after {retries + 1} attempts)", i)
+            for _, ev, reason in self.transient:
+                self.dead_letter(ev.to_dict(), f"{reason} (gave up after {retries + 1} attempts)")
             return
         events = [ev.to_dict() for _, ev, _ in self.transient]
         countdown = policy.countdown(retries)
@@ -206,7 +222,7 @@ def handle(task: Any, raw_events: Sequence[Any], *, batch: bool) -> dict[str, An
         try:
             parsed.append((i, parse_event(raw)))
         except InvalidEvent as err:
-            run.dead_letter(raw, err.reason, i)
+            run.dead_letter(raw, err.reason)
     pipeline = get_pipeline(task.app) if parsed else None
     may_yield = batch and _queue_of(task) != LIVE_QUEUE
     # A chunk is written without a per-call fsync and flushed once when the block ends — before the ack,
@@ -217,8 +233,8 @@ def handle(task: Any, raw_events: Sequence[Any], *, batch: bool) -> dict[str, An
             run.run(pipeline, parsed, may_yield)
     except SoftTimeLimitExceeded:
         limit = task.soft_time_limit or task.app.conf.task_soft_time_limit
-        for i, ev in parsed[run.done:]:
-            run.dead_letter(ev.to_dict(), f"took longer than the task time limit ({limit:g} s)", i)
+        for _, ev in parsed[run.done:]:
+            run.dead_letter(ev.to_dict(), f"took longer than the task time limit ({limit:g} s)")
         return {"counts": run.counts, "timed_out": True}
     run.retry_transient(task.lookalike_retry)
     if not batch:
@@ -272,7 +288,7 @@ def register(app: Celery, policy: RetryPolicy) -> None:
         try:
             items = parse_batch(events)
         except InvalidEvent as err:
-            _dead_letter(self, events, err.reason, 0)
+            _dead_letter(self, events, err.reason)
             return {"counts": {"failed": 1}}
         return handle(self, items, batch=True)
 
