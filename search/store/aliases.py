@@ -27,6 +27,7 @@ from search.errors import StoreError
 from search.schema import CollectionMeta
 
 ALIASES_FILE = "aliases.json"
+META_FILE = "lookalike.json"  # an embedded collection's metadata, beside its shard (written by search.store.edge)
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,6 @@ class FileAliases(Aliases):
         os.replace(tmp, self.path)
 
     def meta_of(self, collection: str) -> CollectionMeta | None:
-        from search.store.edge import META_FILE
-
         try:
             return CollectionMeta.from_dict(json.loads((self.root / collection / META_FILE).read_text("utf-8")))
         except (OSError, ValueError):

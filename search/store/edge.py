@@ -19,7 +19,7 @@ import search.store.base as base
 from search.config import Settings
 from search.errors import CollectionMismatch, StoreError, StoreLocked
 from search.schema import PAYLOAD_INDEXES, CollectionMeta, Filter, Hit, PointRecord
-from search.store.aliases import FileAliases
+from search.store.aliases import META_FILE, FileAliases
 from search.store.base import (
     SearchRequest,
     Store,
@@ -36,7 +36,6 @@ from search.store.lock import LOCK_FILE, REGISTRY, _DirLock, _locked_message
 
 log = logging.getLogger(__name__)
 
-META_FILE = "lookalike.json"
 FLUSH_EVERY = 256  # single writes between two full flushes of the shard (each one is also fsynced in the WAL)
 
 
