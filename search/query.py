@@ -77,7 +77,7 @@ class Searcher(StoreUser):
         if not self._own_store or self._store is None or self.requested.collection:
             return False
         new = resolve(self.requested)
-        if new.collection == self._store.collection:
+        if new.collection_name == self._store.collection:  # no alias yet: the model's own collection
             return False
         store = open_store(new)
         try:

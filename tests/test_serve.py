@@ -337,3 +337,36 @@ def test_delete_and_forget_over_http(tmp_path: Path) -> None:
         assert [(g["status"], g["ids"]) for g in gone] == [("deleted", [b.json()["id"]]), ("absent", [])]
         assert client.post("/v1/forget", json={"uris": []}, headers=auth).status_code == 422
         assert client.get("/v1/collections").json()["points"] == 0
+
+
+def test_a_server_on_a_store_without_an_alias_stays_on_its_collection(settings: ServeSettings) -> None:
+    """follow_alias compares the model's own collection when no alias exists yet (it used to swap every 2 s,
+    and a query caught in the swap waited forever on the closed batcher)."""
+    service = Service(settings, embedder=TinyEmbedder())
+    service.start(wait=True)
+    try:
+        assert service.searcher is not None and service.searcher.follow_alias() is False
+    finally:
+        service.close()
+
+
+def test_a_closed_batcher_fails_what_it_still_holds() -> None:
+    release = threading.Event()
+
+    def slow(items: list[Any]) -> np.ndarray:
+        release.wait(5)
+        return np.ones((len(items), 2), np.float32)
+
+    batcher = MicroBatcher(slow, wait=0.0)
+    first = batcher.submit(1)  # taken by the thread, which now waits in `slow`
+    time.sleep(0.1)
+    queued = batcher.submit(2)
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    release.set()
+    closer.join(10)
+    assert first.result(5).tolist() == [1.0, 1.0]
+    queued.exception(5)  # run before the stop, or failed by close: either way it does not wait forever
+    assert queued.done()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(3).result(1)

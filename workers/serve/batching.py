@@ -34,17 +34,31 @@ class MicroBatcher:
         self.fn, self.max_batch, self.wait, self.name = fn, max(1, max_batch), max(0.0, wait), name
         self._observe = observe
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"lookalike-batch-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, item: Any) -> Future[np.ndarray]:
         future: Future[np.ndarray] = Future()
+        if self._closed:
+            future.set_exception(RuntimeError(f"the {self.name} batcher is closed"))
+            return future
         self._queue.put((item, future))
         return future
 
     def close(self) -> None:
+        """Stop the thread; what is still queued then fails (a swapped model's batcher must not leave a
+        request waiting forever)."""
+        self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout=5)
+        while True:
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if left is not _STOP and left[1].set_running_or_notify_cancel():
+                left[1].set_exception(RuntimeError(f"the {self.name} batcher closed before this item ran"))
 
     def _collect(self, first: Any) -> tuple[list[tuple[Any, Future[np.ndarray]]], bool]:
         batch, stop = [first], False
