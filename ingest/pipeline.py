@@ -471,21 +471,23 @@ class Pipeline(StoreUser):
 
     def forget(self, uris: Sequence[str]) -> list[Removal]:
         """Remove these locations from the index (a point left without one is deleted): ``op: delete``."""
-        from ingest.removal import Removal, forget_uris
+        from ingest.removal import forget_uris
 
-        if not uris or not self._collection_exists():
-            return [Removal(u, "absent") for u in uris]
-        removals = forget_uris(self.store, uris, lock=self._content_lock)
-        self.mirror.forget(removals)
-        return removals
+        return self._remove(forget_uris, uris)
 
     def delete_ids(self, ids: Sequence[str]) -> list[Removal]:
         """Delete points by id, whatever their uris."""
-        from ingest.removal import Removal, delete_ids
+        from ingest.removal import delete_ids
 
-        if not ids or not self._collection_exists():
-            return [Removal(i, "absent") for i in ids]
-        removals = delete_ids(self.store, ids, lock=self._content_lock)
+        return self._remove(delete_ids, ids)
+
+    def _remove(self, how: Callable[..., list[Removal]], targets: Sequence[str]) -> list[Removal]:
+        """``how(store, targets, lock=…)`` under the content lock, repeated in a migration's new collection."""
+        from ingest.removal import Removal
+
+        if not targets or not self._collection_exists():
+            return [Removal(t, "absent") for t in targets]
+        removals = how(self.store, targets, lock=self._content_lock)
         self.mirror.forget(removals)
         return removals
 

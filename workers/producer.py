@@ -3,6 +3,7 @@ through the ``lookalike.fanout`` entry point, ``watch --via-broker``, and ``serv
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -38,21 +39,27 @@ def enqueue_refs(refs: Iterable[ImageRef], settings: Settings, queue: str = "bac
     name = resolve_queue(queue)
     app = app or make_app(settings)
     sent = 0
+    with _broker_errors(settings), app.producer_or_acquire() as producer:
+        if name == LIVE_QUEUE:
+            for event in _events(refs):
+                app.send_task(INGEST_TASK, args=[event], queue=name, producer=producer)
+                sent += 1
+        else:
+            for chunk in chunked(_events(refs), chunk_size):
+                app.send_task(INGEST_BATCH_TASK, args=[chunk], queue=name, producer=producer)
+                sent += 1
+    return sent
+
+
+@contextlib.contextmanager
+def _broker_errors(settings: Settings) -> Iterator[None]:
+    """A broker that cannot be reached becomes a one-line ConfigError naming it (password masked)."""
     try:
-        with app.producer_or_acquire() as producer:
-            if name == LIVE_QUEUE:
-                for event in _events(refs):
-                    app.send_task(INGEST_TASK, args=[event], queue=name, producer=producer)
-                    sent += 1
-            else:
-                for chunk in chunked(_events(refs), chunk_size):
-                    app.send_task(INGEST_BATCH_TASK, args=[chunk], queue=name, producer=producer)
-                    sent += 1
+        yield
     except Exception as err:
         if is_connection_error(err):
             raise ConfigError(unreachable(settings, err)) from None
         raise
-    return sent
 
 
 def is_connection_error(err: BaseException) -> bool:
@@ -77,16 +84,11 @@ def enqueue_removals(uris: Iterable[str], settings: Settings, *, app: Any = None
 
     app = app or make_app(settings)
     sent = 0
-    try:
-        with app.producer_or_acquire() as producer:
-            for uri in uris:
-                event = event_for(ImageRef(uri), sent_at=time.time(), op="delete")
-                app.send_task(INGEST_TASK, args=[event], queue=LIVE_QUEUE, producer=producer)
-                sent += 1
-    except Exception as err:
-        if is_connection_error(err):
-            raise ConfigError(unreachable(settings, err)) from None
-        raise
+    with _broker_errors(settings), app.producer_or_acquire() as producer:
+        for uri in uris:
+            event = event_for(ImageRef(uri), sent_at=time.time(), op="delete")
+            app.send_task(INGEST_TASK, args=[event], queue=LIVE_QUEUE, producer=producer)
+            sent += 1
     return sent
 
 
