@@ -26,12 +26,14 @@ from search.errors import ConfigError
               help="Zero-shot tag prompts (CLIP models): one `label` or `label: prompt` per line.")
 @click.option("--via-workers", is_flag=True, help="Send the images to Celery workers instead of ingesting here.")
 @click.option("--chunk-size", default=64, help="With --via-workers: images per task.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), envvar="LOOKALIKE_BACKFILL_METRICS_PORT",
+              help="Serve Prometheus metrics (stage times, outcomes) on 127.0.0.1:PORT while the run lasts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @pass_app
 @handle_errors
 def backfill(app: AppContext, paths: tuple[str, ...], labels_from_dirs: bool, batch_size: int | None, source: str,
              report: Path | None, no_tag: bool, prompts: Path | None, via_workers: bool, chunk_size: int,
-             as_json: bool) -> None:
+             metrics_port: int | None, as_json: bool) -> None:
     """Index images from folders, CSV/JSONL manifests or files.
 
     Known content (same bytes) is recognised by its hash and skipped, so re-running is a fast no-op and an
@@ -55,7 +57,7 @@ def backfill(app: AppContext, paths: tuple[str, ...], labels_from_dirs: bool, ba
         return
     report = report or settings.data_dir / "reports" / f"backfill-{datetime.now():%Y%m%d-%H%M%S}.tsv"
     click.echo(f"{len(refs)} images to consider", err=True)
-    with Pipeline(settings, source=source, tagger=not no_tag) as pipeline:
+    with Pipeline(settings, source=source, tagger=not no_tag, metrics=_metrics(metrics_port)) as pipeline:
         try:
             stats = pipeline.run(refs, progress=True, report=report, total=len(refs))
         except KeyboardInterrupt:
@@ -78,6 +80,25 @@ def backfill(app: AppContext, paths: tuple[str, ...], labels_from_dirs: bool, ba
                f"{points} points in the collection")
     if summary["failed"]:
         click.echo(f"failures listed in {stats.report}")
+
+
+def _metrics(port: int | None) -> Any:
+    """The run's metrics, served on 127.0.0.1:``port`` (None: not collected)."""
+    if port is None:
+        return None
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from ingest.metrics import IngestMetrics
+
+    registry = CollectorRegistry(auto_describe=True)
+    metrics = IngestMetrics(registry)
+    try:
+        start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as err:
+        raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {err.strerror or err}; "
+                          f"choose another --metrics-port") from None
+    click.echo(f"metrics on http://127.0.0.1:{port}/metrics", err=True)
+    return metrics
 
 
 def _fanout() -> Any:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,7 +38,9 @@ from search.schema import PointRecord, build_payload, point_id, sha256_hex
 from search.store import StoreUser
 
 if TYPE_CHECKING:
+    from ingest.metrics import IngestMetrics
     from ingest.migrate import Mirror
+    from ingest.progress import Progress
     from ingest.removal import Removal
     from ingest.sources import ImageRef
     from search.models import Embedder
@@ -141,13 +142,16 @@ class Pipeline(StoreUser):
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
                  embedder: Embedder | None = None, source: str = "backfill", tagger: Any = True,
                  content_lock: Callable[[Sequence[str]], AbstractContextManager[Any]] | None = None,
-                 duplicate_threshold: float | None = None) -> None:
+                 duplicate_threshold: float | None = None, metrics: IngestMetrics | None = None) -> None:
         """``content_lock(point_ids)`` guards read-merge-write of those points against other *processes*
         (workers sharing a Qdrant server); ``ingest`` holds it from the lookup to the upsert. The embedded
         store needs none: it admits one process. ``duplicate_threshold``: cosine at or above which a new image
         gets ``duplicate_of`` (default: the one measured for the model, see ``ingest.duplicates``; none
-        measured, no flag)."""
+        measured, no flag). ``metrics`` (``ingest.metrics``): where ``run`` records stage times, batch sizes and
+        outcomes, and where the model's load time goes; callers of ``ingest`` record their own (they know
+        the lane, and when the points became durable)."""
         super().__init__(settings or get_settings(), store)
+        self.metrics = metrics
         self.source = source
         self._duplicate_threshold = duplicate_threshold
         # Every writer of a Qdrant server takes the same lock (entry point lookalike.locks: Redis), not only
@@ -171,7 +175,10 @@ class Pipeline(StoreUser):
             from search.models import get_embedder
 
             store = self.store  # opening it resolves the alias: its collection's model is the one to load
+            t0 = time.perf_counter()
             self._embedder = get_embedder(self.settings.model, self.settings)
+            if self.metrics is not None:
+                self.metrics.model_load.observe(time.perf_counter() - t0)
         else:
             store = self.store
         if not self._checked:
@@ -376,15 +383,15 @@ class Pipeline(StoreUser):
         return [it.outcome for it in items]
 
     def run(self, refs: Iterable[ImageRef], *, progress: bool = False, report: Path | None = None,
-            total: int | None = None) -> Stats:
-        """Ingest everything in ``refs`` in batches, overlapping decode with inference."""
-        from tqdm import tqdm
+            total: int | None = None, lane: str = "cli") -> Stats:
+        """Ingest everything in ``refs`` in batches, overlapping decode with inference. Outcomes are counted
+        under ``lane`` when the pipeline has metrics."""
+        from ingest.progress import Progress
 
         self._check_cheap()
         stats = Stats()
         start = time.perf_counter()
-        bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True,
-                   smoothing=0.1, desc="backfill")
+        bar = Progress(total, enabled=progress)
         pending: dict[str, dict[str, Any]] = {}
         in_flight: deque[tuple[list[_Item], list[_Item]]] = deque()
         report_file = None
@@ -397,9 +404,9 @@ class Pipeline(StoreUser):
                 self._submit_decodes(new)
                 in_flight.append((items, new))
                 if len(in_flight) > 1:  # keep one batch decoding while the previous one is embedded
-                    report_file = self._finish(*in_flight.popleft(), pending, stats, bar, report, report_file)
+                    report_file = self._finish(*in_flight.popleft(), pending, stats, bar, report, report_file, lane)
             while in_flight:
-                report_file = self._finish(*in_flight.popleft(), pending, stats, bar, report, report_file)
+                report_file = self._finish(*in_flight.popleft(), pending, stats, bar, report, report_file, lane)
         finally:
             bar.close()
             if report_file is not None:
@@ -412,8 +419,12 @@ class Pipeline(StoreUser):
         return stats
 
     def _finish(self, items: list[_Item], new: list[_Item], pending: dict[str, dict[str, Any]], stats: Stats,
-                bar: Any, report: Path | None, report_file: Any) -> Any:
+                bar: Progress, report: Path | None, report_file: Any, lane: str) -> Any:
         self._embed_and_store(new, pending)
+        if self.metrics is not None:
+            self.metrics.observe_batch([it.outcome for it in items])
+            for it in items:
+                self.metrics.count(lane, it.outcome.status)
         for it in items:
             stats.add(it.outcome)
             for stage, secs in it.outcome.timings.items():
@@ -423,7 +434,7 @@ class Pipeline(StoreUser):
                 if bar.disable:
                     log.warning(line)
                 else:
-                    bar.write(line, file=sys.stderr)
+                    bar.write(line)
                 if report is not None:
                     if report_file is None:
                         report.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +443,7 @@ class Pipeline(StoreUser):
                     # printable escapes tabs and newlines: a name cannot add a column or a row
                     report_file.write(f"{printable(it.ref.uri)}\t{printable(it.outcome.reason)}\n")
                     report_file.flush()
-        bar.update(len(items))
+        bar.update(len(items), failed=sum(it.outcome.status == "failed" for it in items))
         return report_file
 
     @contextlib.contextmanager

@@ -361,8 +361,10 @@ def test_status_exit_code_follows_the_store(store: dict, shown: str, code: int, 
     from search.cli import main
 
     reachable = {"broker": "redis://x", "store": "embedded", "collection": "c", "queues": {LIVE_QUEUE: 0},
-                 "unacked": 0, "dead_letters": 0, "workers": ["w@h"], **store}
-    monkeypatch.setattr("workers.cli.collect_status", lambda settings: reachable)
+                 "oldest_age_s": {LIVE_QUEUE: 0.0}, "unacked": 0, "dead_letters": 0, "workers": ["w@h"],
+                 "workers_alive": 1, "last_minute": {"window_s": None, "workers_reporting": 0, "rates_per_s": {},
+                                                     "freshness": {}}, **store}
+    monkeypatch.setattr("workers.cli.collect_status", lambda settings, **_: reachable)
     result = CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status"])
     assert result.exit_code == code and shown in result.output, result.output
     assert CliRunner().invoke(main, ["--data-dir", str(tmp_path), "status", "--json"]).exit_code == code

@@ -307,7 +307,10 @@ def test_metrics_count_requests_uploads_and_points(client: TestClient) -> None:
     assert 'lookalike_http_requests_total{method="POST",route="/v1/images",status="200"} 1.0' in text
     assert 'lookalike_http_requests_total{method="POST",route="/v1/search",status="400"} 1.0' in text
     assert 'lookalike_uploads_total{outcome="indexed"} 1.0' in text
-    assert "lookalike_points 1.0" in text
+    assert 'lookalike_points{collection="lookalike_tiny"} 1.0' in text
+    assert 'lookalike_ingest_events_total{lane="serve",outcome="indexed"} 1.0' in text
+    assert 'lookalike_ingest_freshness_seconds_count{lane="serve"} 1.0' in text
+    assert 'lookalike_ingest_stage_seconds_count{stage="embed"} 1.0' in text
     assert 'lookalike_http_request_duration_seconds_count{method="POST",route="/v1/images"} 1.0' in text
     assert 'lookalike_embed_batch_size_count{kind="image"} 1.0' in text
     assert 'lookalike_embed_duration_seconds_count{kind="upload"} 1.0' in text

@@ -49,7 +49,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ import pytest
 from search.schema import point_id, sha256_hex
 from tests import imagefactory
 from tests.redis_server import RedisServer
+from tests.workerproc import Worker
 from workers.deadletters import DeadLetters
 from workers.events import (
     BACKFILL_QUEUE,
@@ -81,58 +81,6 @@ REPORT = os.environ.get("LOOKALIKE_SOAK_REPORT")  # read now: the autouse fixtur
 LABELS = ("cat", "dog", "bird", "car", "étiquette")
 OK = ("indexed", "present", "updated")
 TOKEN = re.compile(r"ev\d{6}x")
-
-
-# ---------------------------------------------------------------------------------------------- the worker
-class Worker:
-    """One ``celery -A tests.worker_app worker`` (prefork, one child: the embedded store's one owner), in a
-    process group of its own so the whole worker can be SIGKILLed at once."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker", "-Q",
-             f"{LIVE_QUEUE},{BACKFILL_QUEUE}", "-c", "1", "-P", "prefork", "-l", "info",
-             "-n", f"soak{uuid.uuid4().hex[:8]}@localhost", "--without-gossip", "--without-mingle",
-             "--without-heartbeat"],
-            cwd=REPO, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.text():
-                return time.time()
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"worker did not start:\n{self.text()[-4000:]}")
-
-    def child(self) -> int | None:
-        """The pool child's PID (None while the pool is replacing it)."""
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-            except (OSError, IndexError, ValueError):
-                continue
-            if int(ppid) == self.proc.pid and state != "Z":  # a killed child not reaped yet: not worth a kill
-                return int(stat.parent.name)
-        return None
-
-    def kill_all(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -437,13 +385,16 @@ class Soak:
             "LOOKALIKE_ALLOWED_ROOTS": str(self.root), "LOOKALIKE_MODEL": "tiny",
             "LOOKALIKE_TASK_SOFT_TIME_LIMIT": "60", "LOOKALIKE_TASK_TIME_LIMIT": "90",
             "LOOKALIKE_RETRY_BACKOFF_MAX": "2", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+            "LOOKALIKE_METRICS_PORT": "0",
         })
         return env
 
     def start_worker(self) -> float:
-        worker = Worker(self.env(), self.tmp / f"worker{len(self.workers)}.log")
+        worker = Worker(self.env(), self.tmp / f"worker{len(self.workers)}.log", prefix="soak")
         self.workers.append(worker)
-        return worker.wait_ready()
+        worker.wait_ready()
+        assert worker.ready_at is not None
+        return worker.ready_at
 
     @property
     def worker(self) -> Worker:

@@ -149,12 +149,32 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         print(f"Error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     RUNTIME.app, RUNTIME.pool, RUNTIME.concurrency = app, pool, concurrency
+    _start_metrics(settings, str(getattr(sender, "hostname", "") or f"lookalike@{os.getpid()}"))
     RUNTIME.threads = threads_per_process(settings, 1 if pool == "threads" else concurrency)
     log.info("lookalike worker: broker %s, store %s, pool %s × %d, %d inference threads per process",
              mask_url(settings.broker), mask_url(settings.qdrant_url) or f"embedded ({settings.data_dir})",
              pool, concurrency, RUNTIME.threads)
     if pool != "prefork":  # one process: warm the model now, before the first event arrives
         _warm()
+
+
+_METRICS: Any = None
+
+
+def _start_metrics(settings: WorkerSettings, name: str) -> None:
+    """Multiprocess metrics before the pool forks, served and published by this (the main) process."""
+    global _METRICS
+    from workers import metrics
+
+    metrics.enable_multiprocess()
+    _METRICS = metrics.WorkerMetrics(settings, name)
+    _METRICS.serve()
+    _METRICS.start_publishing()
+
+
+def _stop_metrics(**_: Any) -> None:
+    if _METRICS is not None:
+        _METRICS.stop()
 
 
 def _warm(**_: Any) -> None:
@@ -267,6 +287,9 @@ def _consumer_class() -> type:
                              message.body[:2000] if message.body else None)
             if not message.acknowledged:
                 message.ack_log_error(log, self.connection_errors)
+            from workers.metrics import ingest_metrics, lane_of
+
+            ingest_metrics().count(lane_of(guard.queue_of(message), False), "dead_lettered")
 
     return DeadLetteringConsumer
 
@@ -284,6 +307,7 @@ def _connect_signals() -> None:
 
     signals.worker_init.connect(_on_worker_init, weak=False)
     signals.worker_process_init.connect(_warm, weak=False)
+    signals.worker_shutdown.connect(_stop_metrics, weak=False)
     signals.task_failure.connect(tasks.on_task_failure, weak=False)
     _CONNECTED = True
 

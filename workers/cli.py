@@ -237,13 +237,12 @@ def dl_purge(app: AppContext, ids: tuple[str, ...], purge_all: bool, yes: bool) 
 
 
 # ---------------------------------------------------------------------------------------------- status
-def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> dict[str, Any]:
-    """Queue depths, workers answering a ping, worker heartbeats, dead letters and points in the store."""
+def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0, ping: bool = True) -> dict[str, Any]:
+    """Queue depths and the oldest waiting event's age, workers answering a ping, worker heartbeats, dead
+    letters, points in the store, and the last minute's rates and freshness (``workers.metrics``)."""
     from workers.app import make_app
     from workers.config import mask_url
-    from workers.deadletters import DeadLetters
-    from workers.events import BACKFILL_QUEUE, LIVE_QUEUE
-    from workers.recovery import alive
+    from workers.metrics import broker_gauges, last_minute
 
     url = settings.broker
     out: dict[str, Any] = {"broker": mask_url(url), "store": mask_url(settings.qdrant_url) or
@@ -252,12 +251,11 @@ def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> di
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
-        out["queues"] = {LIVE_QUEUE: client.llen(LIVE_QUEUE), BACKFILL_QUEUE: client.llen(BACKFILL_QUEUE)}
-        out["unacked"] = client.hlen("unacked")
-        out["heartbeats"] = [beat.get("id") for beat in alive(client)]
-        out["dead_letters"] = DeadLetters(client).count()
-        replies = make_app(settings).control.ping(timeout=ping_timeout) or []
-        out["workers"] = sorted(name for reply in replies for name in reply)
+        out.update(broker_gauges(client))
+        out["last_minute"] = last_minute(client)
+        if ping:
+            replies = make_app(settings).control.ping(timeout=ping_timeout) or []
+            out["workers"] = sorted(name for reply in replies for name in reply)
     except Exception as err:
         if not is_connection_error(err):
             raise
@@ -281,35 +279,77 @@ def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0) -> di
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
+@click.option("--prometheus", is_flag=True,
+              help="Queue, dead-letter and store gauges in Prometheus text format (for a textfile collector).")
 @pass_app
 @handle_errors
-def status(app: AppContext, as_json: bool) -> None:
-    """Queue depths, workers seen, dead letters and points in the store.
+def status(app: AppContext, as_json: bool, prometheus: bool) -> None:
+    """Queue depths, workers seen, dead letters, points in the store, and the last minute's ingest rates and
+    freshness (from the counters workers publish to Redis).
 
     Exits with status 1 (after printing) when the broker cannot be reached or the store reports an error."""
-    data = collect_status(_settings(app))
+    data = collect_status(_settings(app), ping=not prometheus)
     failed = "broker_error" in data or "store_error" in data
-    if as_json:
+    if prometheus:
+        click.echo(_prometheus_text(data), nl=False)
+    elif as_json:
         echo_json(data)
-        if failed:
-            raise SystemExit(1)
-        return
+    else:
+        _print_status(data)
+    if failed:
+        raise SystemExit(1)
+
+
+def _prometheus_text(data: dict[str, Any]) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+
+    from workers.metrics import gauge_families
+
+    class Snapshot:
+        def collect(self) -> Any:
+            up = GaugeMetricFamily("lookalike_broker_up", "1 when Redis answered")
+            up.add_metric([], 0 if "broker_error" in data else 1)
+            yield up
+            if "broker_error" not in data:
+                yield from gauge_families(data)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Snapshot())
+    return generate_latest(registry).decode()
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _print_status(data: dict[str, Any]) -> None:
     click.echo(f"broker        {data['broker']}")
     if "broker_error" in data:
         click.echo(f"              {data['broker_error']}")
     else:
         for q, n in data["queues"].items():
-            click.echo(f"queue         {q}: {n} waiting")
+            age = data["oldest_age_s"][q]
+            click.echo(f"queue         {q}: {n} waiting" + (f", oldest {_ms(age)}" if n and age else ""))
         click.echo(f"in progress   {data['unacked']} (unacknowledged)")
         click.echo(f"dead letters  {data['dead_letters']}")
         click.echo(f"workers       {', '.join(data['workers']) or 'none answered'}")
-        click.echo(f"heartbeats    {len(data.get('heartbeats', []))} worker process(es) alive")
+        click.echo(f"heartbeats    {data['workers_alive']} worker process(es) alive")
+        minute = data["last_minute"]
+        if not minute["workers_reporting"]:
+            click.echo("last minute   no worker has published metrics yet")
+        else:
+            click.echo(f"last minute   {minute['window_s']:g} s, {minute['workers_reporting']} worker(s) reporting")
+            for lane, rates in sorted(minute["rates_per_s"].items()):
+                shown = ", ".join(f"{k} {v:.1f}/s" for k, v in sorted(rates.items()) if v)
+                fresh = minute["freshness"].get(lane)
+                if fresh and fresh["events"]:
+                    shown += f"; freshness p50 {_ms(fresh['p50_s'])}, p99 {_ms(fresh['p99_s'])}"
+                click.echo(f"  {lane:<11} {shown or 'idle'}")
     click.echo(f"store         {data['store']} / {data['collection']}")
     points = data.get("points")
     click.echo(f"points        {points if points is not None else data.get('store_note') or data.get('store_error')}")
-    if failed:
-        raise SystemExit(1)
 
 
 def register(group: click.Group) -> None:

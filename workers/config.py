@@ -9,7 +9,9 @@ worker's settings go wherever the core's do. Its own variables:
 ``LOOKALIKE_RESULT_BACKEND`` (unset: results are not stored — the state lives in Qdrant),
 ``LOOKALIKE_ALLOW_ANY_PATH`` (1: run a worker without ``LOOKALIKE_ALLOWED_ROOTS``; off by default),
 ``LOOKALIKE_HEARTBEAT_TTL`` (3 s: a worker silent this long is dead and its messages go back to the queue,
-see ``workers.recovery``).
+see ``workers.recovery``), ``LOOKALIKE_METRICS_PORT`` (9808; 0: no metrics endpoint) and
+``LOOKALIKE_METRICS_HOST`` (127.0.0.1; 0.0.0.0 in a container) where a worker serves Prometheus metrics,
+``LOOKALIKE_METRICS_INTERVAL`` (10 s: how often a worker publishes its counters for ``lookalike status``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from pydantic import NonNegativeFloat, NonNegativeInt, ValidationInfo, field_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, ValidationInfo, field_validator
 
 from search.config import Settings, load
 from search.errors import ConfigError, printable
@@ -41,6 +43,9 @@ class WorkerSettings(Settings):
     result_backend: str | None = None
     allow_any_path: bool = False
     heartbeat_ttl: NonNegativeFloat = 3.0
+    metrics_port: int = Field(default=9808, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_interval: float = Field(default=10.0, gt=0, le=60)
 
     @field_validator("broker_url", "result_backend")
     @classmethod

@@ -185,10 +185,13 @@ def warm(app: Any) -> None:
     """Load the model, open the store, run one tiny inference: the first event then pays none of it."""
     from PIL import Image
 
+    from workers.metrics import ingest_metrics
+
     pipeline = get_pipeline(app)
     t0 = time.perf_counter()
     embedder = pipeline.embedder  # loads the model and checks the collection
     embedder.embed_images([Image.new("RGB", (64, 64), (127, 127, 127))])
+    ingest_metrics().model_load.observe(time.perf_counter() - t0)
     log.info("pipeline ready in %.1f s (model %s, pid %d)", time.perf_counter() - t0, embedder.name, os.getpid())
 
 

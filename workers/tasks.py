@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ingest.metrics import STORED
 from search.errors import StoreLocked, StoreUnavailable, printable
 from workers.events import (
     BACKFILL_QUEUE,
@@ -49,6 +50,7 @@ from workers.events import (
     parse_batch,
     parse_event,
 )
+from workers.metrics import ingest_metrics, lane_of
 from workers.runtime import dead_letters, get_pipeline, redis_client, serial
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ log = logging.getLogger("workers.tasks")
 # A backfill chunk checks for waiting uploads this often (images). Small enough that an upload waits at
 # most ~one CPU batch; large enough for batched inference to pay off.
 YIELD_EVERY = 16
+POINTS_EVERY = 5.0  # seconds between two counts of the collection for lookalike_points
 
 
 def _transient() -> tuple[type[BaseException], ...]:
@@ -145,15 +148,22 @@ class BatchRun:
     task: Any
     batch: bool
     received: float = field(default_factory=time.time)
+    lane: str = ""  # live | backfill (ingest.metrics), from the queue the message came by
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("indexed", "present", "updated", "removed", "deleted", "absent", "failed", "handed_back"), 0))
     results: list[dict[str, Any]] = field(default_factory=list)  # per event (uploads only)
     transient: list[tuple[int, Event, str]] = field(default_factory=list)  # (index, event, reason)
     done: int = 0  # events handled so far (the rest are handed back or timed out)
+    stored_sent_at: list[float] = field(default_factory=list)  # sent_at of events whose points were written
+
+    def __post_init__(self) -> None:
+        self.lane = self.lane or lane_of(_queue_of(self.task), self.batch)
+        self.metrics = ingest_metrics()
 
     def dead_letter(self, event: Any, reason: str) -> None:
         self.counts["failed"] += 1
         _dead_letter(self.task, event, reason)
+        self.metrics.count(self.lane, "dead_lettered")
 
     def run(self, pipeline: Any, parsed: list[tuple[int, Event]], may_yield: bool) -> None:
         while self.done < len(parsed):
@@ -167,8 +177,9 @@ class BatchRun:
             deletes = [(i, ev) for i, ev in part if ev.op == "delete"]
             if upserts:
                 _ = pipeline.embedder  # model loaded and collection ensured (a no-op after the first time)
-                for (i, ev), outcome in zip(upserts, pipeline.ingest([ev.to_ref() for _, ev in upserts]),
-                                            strict=True):
+                outcomes = pipeline.ingest([ev.to_ref() for _, ev in upserts])
+                self.metrics.observe_batch(outcomes)
+                for (i, ev), outcome in zip(upserts, outcomes, strict=True):
                     self._record(i, ev, outcome)
             if deletes:
                 from ingest.pipeline import Outcome
@@ -179,9 +190,15 @@ class BatchRun:
             self.done += len(part)
 
     def _record(self, index: int, event: Event, outcome: Outcome) -> None:
-        _log_outcome(event, outcome, (self.received - event.sent_at) if event.sent_at else None)
+        wait = (self.received - event.sent_at) if event.sent_at is not None else None
+        _log_outcome(event, outcome, wait)
+        if wait is not None:
+            self.metrics.queue_wait.labels(self.lane).observe(max(0.0, wait))
         if outcome.status != "failed":
             self.counts[outcome.status] += 1
+            self.metrics.count(self.lane, outcome.status)
+            if outcome.status in STORED and event.sent_at is not None:
+                self.stored_sent_at.append(event.sent_at)
         elif outcome.permanent:
             self.dead_letter(event.to_dict(), outcome.reason or "failed")
         else:
@@ -207,6 +224,7 @@ class BatchRun:
                 self.dead_letter(ev.to_dict(), f"{reason} (gave up after {retries + 1} attempts)")
             return
         events = [ev.to_dict() for _, ev, _ in self.transient]
+        self.metrics.count(self.lane, "retried", len(events))
         countdown = policy.countdown(retries)
         log.warning("retrying %d event(s) in %d s: %s", len(events), countdown, self.transient[0][2])
         raise self.task.retry(args=[events] if self.batch else [events[0]], countdown=countdown)
@@ -236,10 +254,22 @@ def handle(task: Any, raw_events: Sequence[Any], *, batch: bool) -> dict[str, An
         for _, ev in parsed[run.done:]:
             run.dead_letter(ev.to_dict(), f"took longer than the task time limit ({limit:g} s)")
         return {"counts": run.counts, "timed_out": True}
+    _durable(run, pipeline)
     run.retry_transient(task.lookalike_retry)
     if not batch:
         return run.results[0] if run.results else {"counts": run.counts}
     return {"counts": run.counts, "done_at": time.time()}
+
+
+def _durable(run: BatchRun, pipeline: Any) -> None:
+    """The run's points are durable now (its bulk block flushed): their freshness, and the store's size."""
+    run.metrics.durable(run.lane, run.stored_sent_at)
+    if pipeline is not None and run.stored_sent_at:
+        store = pipeline.store
+        with contextlib.suppress(Exception):  # a gauge is not worth failing a task over
+            # the embedded store counts in memory; a server's count is a round trip
+            run.metrics.set_points(store.collection, store.count,
+                                   every=0.0 if pipeline.settings.embedded else POINTS_EVERY)
 
 
 def _task_base() -> type:
@@ -328,6 +358,7 @@ def on_task_failure(sender: Any = None, task_id: str | None = None, exception: B
         for i, event in enumerate(events):
             store.add(event, reason, attempts=retries + 1, id=f"{task_id}:{retries}:{i}", queue=queue,
                       task=sender.name)
+        ingest_metrics().count(lane_of(queue, sender.name == INGEST_BATCH_TASK), "dead_lettered", len(events))
     except Exception as err:
         log.critical("cannot dead-letter task %s (%s): %s — its events: %r", task_id, reason, err, events)
 

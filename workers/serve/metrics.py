@@ -9,17 +9,20 @@ anything past a few seconds is a problem worth seeing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    """The series ``/metrics`` exposes. ``points`` is read at scrape time through ``count_points``."""
+    """The series ``/metrics`` exposes: the HTTP ones here, and the ingestion series of ``ingest.metrics``
+    (``ingest``: uploads ingested in-process, lane ``serve``). ``lookalike_points`` is read at scrape time
+    through ``count_points`` (the collection served and its size, or None)."""
 
-    def __init__(self, count_points: Callable[[], float | None] = lambda: None) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def __init__(self, count_points: Callable[[], tuple[str, float] | None] = lambda: None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        from ingest.metrics import IngestMetrics
 
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -35,17 +38,17 @@ class Metrics:
                                ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.uploads = Counter("lookalike_uploads_total", "Uploads by outcome (indexed, present, updated, queued, "
                                "failed)", ["outcome"], registry=r)
-        points = Gauge("lookalike_points", "Points in the served collection", registry=r)
-        points.set_function(lambda: _nan_if_none(count_points()))
+        self.ingest = IngestMetrics(r)
+        self._count_points = count_points
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        counted = self._count_points()
+        self.ingest.points.clear()  # the alias may have moved to another collection since the last scrape
+        if counted is not None:
+            self.ingest.points.labels(counted[0]).set(counted[1])
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def _nan_if_none(value: Any) -> float:
-    return float("nan") if value is None else float(value)
 
 
 __all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Metrics"]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ingest.metrics import STORED
 from search.errors import ImageError, LookalikeError, ModelError, StoreError
 from search.images import decode_for
 from search.reading import read_bytes
@@ -235,11 +236,12 @@ class Service:
         except Exception as err:
             return f"unreachable ({type(err).__name__})"
 
-    def _count_points(self) -> float | None:
+    def _count_points(self) -> tuple[str, float] | None:
         if self.searcher is None:
             return None
+        store = self.searcher.store
         try:
-            return float(self.searcher.store.count()) if self._collection_exists() else 0.0
+            return store.collection, (float(store.count()) if self._collection_exists() else 0.0)
         except LookalikeError:
             return None
 
@@ -329,7 +331,7 @@ class Service:
     def collection(self) -> dict[str, Any]:
         searcher, embedder = self._searcher(), self.model
         return {"collection": searcher.store.collection, "model": embedder.name, "dim": embedder.dim,
-                "preprocessing": embedder.preprocessing, "points": int(self._count_points() or 0),
+                "preprocessing": embedder.preprocessing, "points": int((self._count_points() or ("", 0))[1]),
                 "supports_text": bool(embedder.supports_text), "fetch_urls": self.settings.fetch_urls,
                 "store": "server" if self.settings.qdrant_url else "embedded",
                 "uploads": "events" if self.settings.publishes_events else "in-process"}
@@ -360,9 +362,9 @@ class Service:
             self.metrics.uploads.labels("queued").inc()
             return 202, {"id": pid, "status": "queued", "uri": ref.uri}
         if not wait:
-            self._background.submit(self._ingest_logged, ref)
+            self._background.submit(self._ingest_logged, ref, time.time())
             return 202, {"id": pid, "status": "accepted", "uri": ref.uri}
-        outcome = self._ingest(ref)
+        outcome = self._ingest(ref, time.time() - (time.perf_counter() - t0))
         if outcome.status == "failed":
             raise RequestError(422, f"{filename}: {outcome.reason}")
         self._exists = True
@@ -396,21 +398,27 @@ class Service:
             raise StoreError("this server sends uploads to the workers; it does not ingest in-process")
         with self._write_lock:
             outcomes = self.pipeline.ingest(list(refs))
+        self.metrics.ingest.observe_batch(outcomes)
         for o in outcomes:
             self.metrics.uploads.labels(o.status).inc()
+            self.metrics.ingest.count("serve", o.status)
             if "embed" in o.timings:  # the pipeline's share of its batch's model call, per image
                 self.metrics.embed.labels("upload").observe(o.timings["embed"])
         if any(o.status != "failed" for o in outcomes):
             self._exists = True
         return outcomes
 
-    def _ingest(self, ref: Any) -> Outcome:
+    def _ingest(self, ref: Any, received: float) -> Outcome:
+        """Ingest one upload received at ``received`` (UNIX seconds): its freshness is from then to durable."""
         self._searcher()
-        return self.ingest([ref])[0]
+        outcome = self.ingest([ref])[0]
+        if outcome.status in STORED:
+            self.metrics.ingest.durable("serve", [received])
+        return outcome
 
-    def _ingest_logged(self, ref: Any) -> None:
+    def _ingest_logged(self, ref: Any, received: float) -> None:
         try:
-            outcome = self._ingest(ref)
+            outcome = self._ingest(ref, received)
             log.info("upload %s: %s %s", ref.uri, outcome.status, outcome.reason or outcome.id)
         except Exception as err:
             log.error("upload %s failed: %s", ref.uri, err)
