@@ -62,7 +62,7 @@ OURS = frozenset({META_FILE, META_FILE + ".tmp", CURRENT_FILE, CURRENT_FILE + ".
 CHECK_EVERY = 256  # points written between two looks at how many are unindexed (shard.info())
 COPY_PASSES = 3  # unlocked copy passes before the last one under the write lock (each copies what changed)
 REPLAY_LOCKED_MAX = 256  # ids written during a build that may be left for the replay under the write lock
-MTIME_SLACK_NS = 2_000_000_000  # coarse file timestamps: a file touched this close to a pass is copied again
+MTIME_SLACK_NS = 200_000_000  # file timestamps are coarse (a clock tick): this much before a flush counts as after
 RETRY_AFTER_S = 60.0  # after a failed build, no new one before this
 # The child that builds the index: only the engine, on a copy nobody else has open; niced so that searches and
 # inference in this process keep their CPU (on 2 cores a build otherwise takes both).
@@ -111,10 +111,14 @@ def _engine_entries(folder: Path) -> list[Path]:
                   if e.name not in OURS and not GEN_RE.match(e.name.removesuffix(BUILDING)))
 
 
-def _copy_changed(src: Path, dst: Path, since_ns: int | None, stop: threading.Event) -> int:
-    """Make ``dst`` a copy of the shard at ``src``, copying only the files that are new, differ in size, or
-    were modified after ``since_ns`` (None: all); what is gone from ``src`` goes. Returns the bytes copied.
-    Unlocked passes may race the engine (a file removed meanwhile is skipped); the last pass sees no write."""
+def _copy_changed(src: Path, dst: Path, seen: dict[Path, tuple[int, int, int]], flushed_ns: int,
+                  stop: threading.Event) -> int:
+    """Bring ``dst``, a copy of the shard at ``src``, up to date; what is gone from ``src`` goes. Returns the bytes
+    copied. Call it right after the engine's ``flush()`` at ``flushed_ns``: the flush writes the mapped pages out,
+    so the next write to a page faults and moves the file's mtime, while further writes to a page already
+    dirty do not. A file is therefore copied again when its (size, mtime) changed since ``seen`` recorded it,
+    or when that record was itself taken after the file was touched past its pass's flush. Unlocked passes
+    race the engine (a file removed meanwhile is skipped); the last pass runs under the write lock."""
     copied = 0
     files: list[Path] = []  # relative to src
     dirs: set[Path] = set()
@@ -133,12 +137,10 @@ def _copy_changed(src: Path, dst: Path, since_ns: int | None, stop: threading.Ev
             return copied
         try:
             st = (src / rel).stat()
-            try:
-                old_size: int | None = (dst / rel).stat().st_size
-            except FileNotFoundError:
-                old_size = None
-            if old_size != st.st_size or since_ns is None or st.st_mtime_ns >= since_ns - MTIME_SLACK_NS:
+            old = seen.get(rel)
+            if old is None or old[:2] != (st.st_size, st.st_mtime_ns) or old[1] >= old[2] - MTIME_SLACK_NS:
                 shutil.copyfile(src / rel, dst / rel)  # sendfile: the GIL is released while it copies
+                seen[rel] = (st.st_size, st.st_mtime_ns, flushed_ns)
                 copied += st.st_size
         except FileNotFoundError:
             continue
@@ -584,21 +586,22 @@ class EdgeStore(Store):
         work.mkdir()
         started = time.perf_counter()
         try:
-            since: int | None = None
-            for _ in range(COPY_PASSES):  # while writes go on; each pass copies what the last one may have missed
+            seen: dict[Path, tuple[int, int, int]] = {}
+            with self._mu:
+                # Ids written from here on are carried over before the swap, whatever the copy caught of them.
+                self._dirty = set()
+            for _ in range(COPY_PASSES):  # while writes go on; each pass copies what changed since the last
                 with self._mu:
-                    self._check().flush()  # written pages out, so that the next write to one updates its mtime
-                pass_start = time.time_ns()
-                copied = _copy_changed(self._dir, work, since, build.stop)
-                since = pass_start
+                    self._check().flush()
+                    flushed = time.time_ns()
+                copied = _copy_changed(self._dir, work, seen, flushed, build.stop)
                 if build.stop.is_set():
                     return
                 if copied < 64 << 20:
                     break
-            with self._writing() as shard:  # the last pass sees no write; ids written from here on are tracked
+            with self._writing() as shard:  # the last pass sees no write: a consistent set of files
                 shard.flush()
-                copied = _copy_changed(self._dir, work, since, build.stop)
-                self._dirty = set()
+                copied = _copy_changed(self._dir, work, seen, time.time_ns(), build.stop)
             log.info("'%s': copied the shard for the build in %.1f s (last pass %.1f MB under the write lock)",
                      self.collection, time.perf_counter() - started, copied / 1e6)
             build.proc = subprocess.Popen([sys.executable, "-c", _BUILD_CODE, str(work)],
