@@ -9,6 +9,7 @@ that returns one); the built-in families are declared there too, and are also lo
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -194,6 +195,7 @@ def get_embedder(name: str | None = None, settings: Settings | None = None) -> E
                          "save it again with finetune on another base")
     with lock:  # one load per key; other keys (e.g. the parts of a+b) load independently
         if key not in _embedders:
+            single_threaded_blas()
             loading.add(key)
             try:
                 embedder = _load(name, settings)
@@ -202,6 +204,19 @@ def get_embedder(name: str | None = None, settings: Settings | None = None) -> E
             with _registry_lock:
                 _embedders[key] = embedder
         return _embedders[key]
+
+
+@functools.cache
+def single_threaded_blas() -> None:
+    """Limit numpy's BLAS (OpenBLAS) to one thread in a process that runs a model. Its small products (a
+    batch's 32×32 similarity matrix) gain nothing from threads, and its threads busy-wait for work: beside
+    the model's inference threads on a 2-core machine one such product took 15.8 ms instead of 0.05 ms,
+    and the spinning took CPU from inference (benchmarks/results/backfill.md)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it, numpy keeps its default
+        return
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def clear_embedders() -> None:
