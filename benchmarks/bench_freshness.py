@@ -79,9 +79,24 @@ class _Probed:
         return outcomes
 
 
+class _NoMetrics:
+    """Records nothing (BENCH_NO_METRICS=1): the baseline of the metrics-overhead measurement."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+
 def _factory(settings: Any) -> Any:
     from ingest.pipeline import Pipeline
     from search.store import open_store
+
+    if os.environ.get("BENCH_NO_METRICS") == "1":
+        import workers.metrics
+
+        workers.metrics._metrics = _NoMetrics()  # type: ignore[assignment]
 
     if os.environ.get("BENCH_PROBE") != "1":
         return Pipeline(settings, source="worker")
@@ -118,12 +133,14 @@ class Harness:
 
         return worker_settings(broker_url=self.redis.url, data_dir=data, allowed_roots=roots, threads=2)
 
-    def start_worker(self, data: Path, roots: tuple[Path, ...], probe: bool, log: Path) -> subprocess.Popen[bytes]:
+    def start_worker(self, data: Path, roots: tuple[Path, ...], probe: bool, log: Path,
+                     **extra: str) -> subprocess.Popen[bytes]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOOKALIKE_")}
         env.update({"LOOKALIKE_BROKER_URL": self.redis.url, "LOOKALIKE_DATA_DIR": str(data),
                     "LOOKALIKE_ALLOWED_ROOTS": os.pathsep.join(map(str, roots)),
                     "LOOKALIKE_RESULT_BACKEND": self.redis.url[:-1] + "1", "BENCH_PROBE": "1" if probe else "0",
-                    "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")]), "HF_HUB_OFFLINE": "1"})
+                    "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")]), "HF_HUB_OFFLINE": "1",
+                    "LOOKALIKE_METRICS_PORT": "0", **extra})
         proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_freshness", "worker", "-c", "1",
                                  "-P", "prefork", "-l", "info", "-Q", "lookalike.live,lookalike.backfill",
                                  "--without-gossip", "--without-mingle", "--without-heartbeat"],

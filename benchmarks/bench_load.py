@@ -1,0 +1,184 @@
+"""Freshness under load, and what metrics cost: uploads arriving while a large backfill runs through the same
+worker, and the worker's throughput with its metrics on and off — one run, real Caltech photos, Lite0.
+
+    .venv/bin/python benchmarks/bench_load.py ../shared/data/caltech101-dev [--backfill 1500] [--rate 4]
+        [--repeats 2] [--out benchmarks/results/load.md]
+
+It starts its own redis-server and one ``celery worker`` at a time (prefork, one child owning a fresh
+embedded store, Lite0 on ONNX with 2 threads: ``benchmarks/bench_freshness.py``'s harness).
+
+1. Solo: the same ``--backfill`` images (chunks of 64 on ``lookalike.backfill``) into a fresh store, with
+   metrics off (``BENCH_NO_METRICS=1``: nothing recorded) and on, alternately, ``--repeats`` times each:
+   images/s from the first chunk sent to the last chunk done. Overhead = 1 − on/off (medians).
+2. Under load: the same backfill into a fresh store while upload events (other images) arrive on
+   ``lookalike.live`` at ``--rate`` per second, from 2 s after the backfill starts until it ends. Per upload:
+   freshness = ``sent_at`` → its point durable (the task's ``done_at``: an upload's write is fsynced before
+   the task records it). Backfill images/s against the solo (metrics on) median.
+3. The worker's ``/metrics`` scraped before and after the loaded run: which series moved, and by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_freshness import Harness, _client_app, _send_chunks, copy_model_cache, pct  # noqa: E402
+
+PORT = 19808
+
+
+def scrape(port: int = PORT) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def backfill_run(h: Harness, refs: list[Any], root: Path, data: Path, metrics: bool, uploads: list[Path] | None = None,
+                 rate: float = 4.0, name: str = "run") -> dict[str, Any]:
+    """One fresh worker and store; the backfill (and uploads, if given) through it."""
+    from workers.events import INGEST_TASK, LIVE_QUEUE, make_event
+
+    extra = {"BENCH_NO_METRICS": "0" if metrics else "1", "LOOKALIKE_METRICS_PORT": str(PORT) if metrics else "0",
+             "LOOKALIKE_METRICS_INTERVAL": "2"}
+    proc = h.start_worker(data, (root,), probe=False, log=h.tmp / f"worker-{name}.log", **extra)
+    app = _client_app(h, data, root)
+    before = scrape() if metrics else {}
+    sent_uploads: list[Any] = []
+    stop = threading.Event()
+
+    def send_uploads() -> None:
+        time.sleep(2.0)
+        start = time.time()
+        for n, path in enumerate(uploads or []):
+            if stop.is_set():
+                return
+            time.sleep(max(0.0, start + n / rate - time.time()))
+            sent_uploads.append(app.send_task(INGEST_TASK, args=[make_event(str(path), sent_at=time.time())],
+                                              queue=LIVE_QUEUE))
+
+    sender = threading.Thread(target=send_uploads, daemon=True)
+    t0 = time.perf_counter()
+    chunks = _send_chunks(app, refs)
+    if uploads:
+        sender.start()
+    counts = [r.get(timeout=3600)["counts"] for r in chunks]
+    seconds = time.perf_counter() - t0
+    stop.set()
+    if uploads:
+        sender.join()
+    rows = [r.get(timeout=120) for r in sent_uploads]
+    after = scrape() if metrics else {}
+    h.stop_worker(proc)
+    out: dict[str, Any] = {"images": len(refs), "seconds": round(seconds, 2), "img_s": len(refs) / seconds,
+                           "indexed": sum(c.get("indexed", 0) for c in counts),
+                           "handed_back": sum(c.get("handed_back", 0) for c in counts)}
+    if rows:
+        fresh = [r["done_at"] - (r["received_at"] - r["queue_wait"]) for r in rows]
+        waits = [r["queue_wait"] for r in rows]
+        out["uploads"] = {"n": len(rows), "statuses": {s: sum(r["status"] == s for r in rows)
+                                                       for s in {r["status"] for r in rows}},
+                          "fresh_ms": {"p50": pct(fresh, 50) * 1000, "p99": pct(fresh, 99) * 1000,
+                                       "max": max(fresh) * 1000},
+                          "queue_wait_ms": {"p50": pct(waits, 50) * 1000, "p99": pct(waits, 99) * 1000}}
+    if metrics:
+        out["moved"] = {f"{n}{dict(ls) or ''}": round(v - before.get((n, ls), 0.0), 4)
+                        for (n, ls), v in sorted(after.items()) if v != before.get((n, ls), 0.0)
+                        and not n.endswith("_bucket") and not n.endswith("_created")}
+    return out
+
+
+def markdown(res: dict[str, Any], argv: list[str]) -> str:
+    solo_on = [r["img_s"] for r in res["solo"] if r["metrics"]]
+    solo_off = [r["img_s"] for r in res["solo"] if not r["metrics"]]
+    on, off = statistics.median(solo_on), statistics.median(solo_off)
+    load = res["loaded"]
+    up = load["uploads"]
+    lines = [
+        "# Freshness under load, and the cost of metrics", "",
+        f"`{' '.join(['.venv/bin/python', *argv])}` — {os.cpu_count()} cores, "
+        f"{res['images']} Caltech101 photos per backfill, Lite0 ONNX, one prefork child.", "",
+        "## Metrics overhead (solo backfill through the worker, fresh store each run)", "",
+        "| run | metrics | images/s |", "|---|---|---|",
+        *[f"| {i + 1} | {'on' if r['metrics'] else 'off'} | {r['img_s']:.1f} |" for i, r in enumerate(res["solo"])],
+        "", f"Median on {on:.1f}, off {off:.1f} images/s: overhead **{100 * (1 - on / off):.1f} %** "
+        "(target ≤ 3 %).", "",
+        "## Uploads during the backfill", "",
+        f"- backfill under load: **{load['img_s']:.1f} images/s** = **{load['img_s'] / on:.2f}×** solo "
+        f"({on:.1f}); {load['handed_back']} events handed back to the queue so uploads went first",
+        f"- uploads: {up['n']} at {res['rate']:g}/s, {up['statuses']}; freshness (sent → durable) "
+        f"**p50 {up['fresh_ms']['p50']:.0f} ms, p99 {up['fresh_ms']['p99']:.0f} ms**, "
+        f"max {up['fresh_ms']['max']:.0f} ms"
+        f" (target p99 ≤ 250 ms with the backfill ≥ 0.8× solo); queue wait p50 "
+        f"{up['queue_wait_ms']['p50']:.0f} ms, p99 {up['queue_wait_ms']['p99']:.0f} ms", "",
+        "## The worker's /metrics: what moved during the loaded run", "",
+        "| series | change |", "|---|---|",
+        *[f"| `{k}` | {v:g} |" for k, v in load.get("moved", {}).items()], "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--backfill", type=int, default=1500)
+    parser.add_argument("--rate", type=float, default=4.0, help="upload events per second during the backfill")
+    parser.add_argument("--repeats", type=int, default=2, help="solo runs with metrics on, and as many off")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from ingest.sources import iter_refs
+
+    root = args.dataset.resolve()
+    refs = list(iter_refs([root], labels_from_dirs=True))
+    mixed = refs[::7] + [r for i, r in enumerate(refs) if i % 7]  # every slice spans the classes
+    bulk, uploads = mixed[:args.backfill], [Path(r.uri) for r in mixed[args.backfill:]]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    h = Harness(tmp)
+    res: dict[str, Any] = {"images": len(bulk), "rate": args.rate, "solo": []}
+    try:
+        warm = tmp / "warm"
+        from ingest.pipeline import Pipeline
+
+        with Pipeline(h.settings(warm, (root,))) as p:  # export the ONNX model once, outside the clock
+            _ = p.embedder
+        for i in range(args.repeats * 2):
+            metrics = i % 2 == 1
+            data = tmp / f"solo{i}"
+            copy_model_cache(warm, data)
+            r = backfill_run(h, bulk, root, data, metrics, name=f"solo{i}")
+            r["metrics"] = metrics
+            res["solo"].append(r)
+            print(f"solo {i} metrics={metrics}: {r['img_s']:.1f} images/s", file=sys.stderr)
+        data = tmp / "loaded"
+        copy_model_cache(warm, data)
+        res["loaded"] = backfill_run(h, bulk, root, data, True, uploads=uploads, rate=args.rate, name="loaded")
+        print(json.dumps(res["loaded"].get("uploads"), indent=1), file=sys.stderr)
+    finally:
+        h.close()
+    text = markdown(res, sys.argv)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    (tmp / "result.json").write_text(json.dumps(res, indent=1))
+    print(f"raw results: {tmp / 'result.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
