@@ -216,6 +216,7 @@ def test_a_worker_is_scraped_after_known_events_and_a_killed_child_loses_no_coun
     assert minute["workers_reporting"] == 1
     assert minute["rates_per_s"]["live"]["indexed"] > 0
     assert 0 < minute["freshness"]["live"]["p50_s"] <= minute["freshness"]["live"]["p99_s"]
+    assert data["points"] == 13 and "as the workers last counted them" in data["store_note"]  # the worker owns it
     text = _status(env).stdout
     assert "last minute" in text and "live" in text
     prom = parse(_status(env, "--prometheus").stdout)

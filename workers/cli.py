@@ -270,8 +270,11 @@ def collect_status(settings: WorkerSettings, *, ping_timeout: float = 1.0, ping:
             store.close()
     except StoreLocked as err:
         # Normal while a worker runs (not an error); the message's first clause names the PID holding it.
-        out["points"] = None
-        out["store_note"] = f"{str(err).split(';')[0]} (points not readable from here)"
+        # That worker counts the points itself and publishes the count with its metrics.
+        counted = out.get("last_minute", {}).get("points", {}).get(settings.collection_name)
+        out["points"] = int(counted) if counted is not None else None
+        out["store_note"] = f"{str(err).split(';')[0]} (" + (
+            "points as the workers last counted them)" if counted is not None else "points not readable from here)")
     except LookalikeError as err:
         out["points"] = None
         out["store_error"] = str(err)
@@ -313,7 +316,7 @@ def _prometheus_text(data: dict[str, Any]) -> str:
             up.add_metric([], 0 if "broker_error" in data else 1)
             yield up
             if "broker_error" not in data:
-                yield from gauge_families(data)
+                yield from gauge_families({**data, "collection": data["collection"]})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Snapshot())
@@ -348,8 +351,8 @@ def _print_status(data: dict[str, Any]) -> None:
                     shown += f"; freshness p50 {_ms(fresh['p50_s'])}, p99 {_ms(fresh['p99_s'])}"
                 click.echo(f"  {lane:<11} {shown or 'idle'}")
     click.echo(f"store         {data['store']} / {data['collection']}")
-    points = data.get("points")
-    click.echo(f"points        {points if points is not None else data.get('store_note') or data.get('store_error')}")
+    points, note = data.get("points"), data.get("store_note") or data.get("store_error")
+    click.echo(f"points        {note if points is None else f'{points} — {note}' if note else points}")
 
 
 def register(group: click.Group) -> None:

@@ -241,15 +241,18 @@ def snapshot(families: Iterable[Any], now: float | None = None) -> dict[str, Any
     """Event counters and freshness buckets from metric families, as JSON-able data."""
     events: dict[str, float] = {}
     fresh: dict[str, dict[str, float]] = {}
+    points: dict[str, float] = {}
     for family in families:
         for s in family.samples:
-            if s.name == "lookalike_ingest_events_total":
+            if s.name == "lookalike_points" and "collection" in s.labels:
+                points[s.labels["collection"]] = s.value
+            elif s.name == "lookalike_ingest_events_total":
                 key = f"{s.labels.get('lane')}/{s.labels.get('outcome')}"
                 events[key] = events.get(key, 0.0) + s.value
             elif s.name == "lookalike_ingest_freshness_seconds_bucket":
                 lane = fresh.setdefault(s.labels.get("lane", ""), {})
                 lane[s.labels["le"]] = lane.get(s.labels["le"], 0.0) + s.value
-    return {"t": time.time() if now is None else now, "events": events, "freshness": fresh}
+    return {"t": time.time() if now is None else now, "events": events, "freshness": fresh, "points": points}
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -282,6 +285,7 @@ def last_minute(client: Any, window: float = 60.0, now: float | None = None) -> 
     rates: dict[str, float] = {}
     buckets: dict[str, dict[str, float]] = {}
     spans = []
+    points: dict[str, float] = {}
     for key in client.scan_iter(match=SNAPSHOT_PREFIX + "*", count=200):
         snaps = []
         for raw in client.lrange(key, 0, SNAPSHOTS_KEPT - 1):
@@ -291,6 +295,8 @@ def last_minute(client: Any, window: float = 60.0, now: float | None = None) -> 
         if len(snaps) < 2:
             continue
         newest = snaps[0]
+        for collection, n in newest.get("points", {}).items():  # the newest count any worker made
+            points[collection] = max(points.get(collection, 0.0), n)
         older = [s for s in snaps[1:] if newest["t"] - s["t"] >= window * 0.9]
         base = older[0] if older else snaps[-1]
         span = newest["t"] - base["t"]
@@ -311,7 +317,7 @@ def last_minute(client: Any, window: float = 60.0, now: float | None = None) -> 
     freshness = {lane: {"p50_s": quantile(0.5, b), "p99_s": quantile(0.99, b),
                         "events": max(b.values(), default=0)} for lane, b in buckets.items()}
     return {"window_s": round(max(spans), 1) if spans else None, "workers_reporting": len(spans),
-            "rates_per_s": by_lane, "freshness": freshness}
+            "rates_per_s": by_lane, "freshness": freshness, "points": points}
 
 
 __all__ = ["BrokerCollector", "WorkerMetrics", "broker_gauges", "enable_multiprocess", "gauge_families",
