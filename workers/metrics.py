@@ -48,10 +48,12 @@ LANES = {LIVE_QUEUE: "live", BACKFILL_QUEUE: "backfill"}
 # ---------------------------------------------------------------------------------------------- processes
 def enable_multiprocess(folder: str | os.PathLike[str] | None = None) -> Path:
     """Multiprocess mode for this process and the children it forks: samples go to files in ``folder``
-    (``PROMETHEUS_MULTIPROC_DIR`` if set, else a new temporary folder), which is emptied first."""
+    (``PROMETHEUS_MULTIPROC_DIR`` if set, else a new temporary folder, removed when this process exits),
+    which is emptied first."""
     import prometheus_client.values as values
 
-    path = Path(folder or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="lookalike-metrics-"))
+    given = folder or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = Path(given) if given else _own_folder()
     path.mkdir(parents=True, exist_ok=True)
     for old in path.glob("*.db"):  # a previous run's files would be summed into this one's
         old.unlink(missing_ok=True)
@@ -59,6 +61,37 @@ def enable_multiprocess(folder: str | os.PathLike[str] | None = None) -> Path:
     # The value class is chosen when prometheus_client is first imported; choose again in case it already was.
     values.ValueClass = values.MultiProcessValue()
     return path
+
+
+TEMP_PREFIX = "lookalike-metrics-"
+
+
+def _own_folder() -> Path:
+    """A temporary folder named after this process; those of processes that are gone (a SIGKILLed worker
+    cannot remove its own) are removed first."""
+    import atexit
+    import shutil
+
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{TEMP_PREFIX}*-*"):
+        pid = old.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
+    owner = os.getpid()
+    # Forked pool children inherit the handler: only the process that made the folder removes it.
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _metrics: IngestMetrics | None = None
