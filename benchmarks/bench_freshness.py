@@ -93,6 +93,10 @@ def _factory(settings: Any) -> Any:
     from ingest.pipeline import Pipeline
     from search.store import open_store
 
+    if os.environ.get("BENCH_YIELD_EVERY"):  # backfill sub-batch size: how often a chunk looks for uploads
+        import workers.tasks
+
+        workers.tasks.YIELD_EVERY = int(os.environ["BENCH_YIELD_EVERY"])
     if os.environ.get("BENCH_NO_METRICS") == "1":
         import workers.metrics
 

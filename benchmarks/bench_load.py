@@ -50,13 +50,19 @@ def scrape(port: int = PORT) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def backfilled(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+    """Backfill events the worker has finished, whatever their outcome."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == "lookalike_ingest_events_total" and dict(ls).get("lane") == "backfill")
+
+
 def backfill_run(h: Harness, refs: list[Any], root: Path, data: Path, metrics: bool, uploads: list[Path] | None = None,
-                 rate: float = 4.0, name: str = "run") -> dict[str, Any]:
+                 rate: float = 4.0, name: str = "run", yield_every: int | None = None) -> dict[str, Any]:
     """One fresh worker and store; the backfill (and uploads, if given) through it."""
     from workers.events import INGEST_TASK, LIVE_QUEUE, make_event
 
     extra = {"BENCH_NO_METRICS": "0" if metrics else "1", "LOOKALIKE_METRICS_PORT": str(PORT) if metrics else "0",
-             "LOOKALIKE_METRICS_INTERVAL": "2"}
+             "LOOKALIKE_METRICS_INTERVAL": "2", "BENCH_YIELD_EVERY": str(yield_every or "")}
     proc = h.start_worker(data, (root,), probe=False, log=h.tmp / f"worker-{name}.log", **extra)
     app = _client_app(h, data, root)
     before = scrape() if metrics else {}
@@ -79,6 +85,10 @@ def backfill_run(h: Harness, refs: list[Any], root: Path, data: Path, metrics: b
     if uploads:
         sender.start()
     counts = [r.get(timeout=3600)["counts"] for r in chunks]
+    if uploads:  # a chunk that handed its rest back has finished; the rest runs as new tasks, not awaited here
+        deadline = time.monotonic() + 3600
+        while backfilled(scrape()) < len(refs) and time.monotonic() < deadline:
+            time.sleep(0.05)
     seconds = time.perf_counter() - t0
     stop.set()
     if uploads:
@@ -108,8 +118,8 @@ def markdown(res: dict[str, Any], argv: list[str]) -> str:
     solo_on = [r["img_s"] for r in res["solo"] if r["metrics"]]
     solo_off = [r["img_s"] for r in res["solo"] if not r["metrics"]]
     on, off = statistics.median(solo_on), statistics.median(solo_off)
-    load = res["loaded"]
-    up = load["uploads"]
+    y0 = res["yield_every"][0]
+    load = res["loaded"][str(y0)]
     lines = [
         "# Freshness under load, and the cost of metrics", "",
         f"`{' '.join(['.venv/bin/python', *argv])}` — {os.cpu_count()} cores, "
@@ -120,14 +130,22 @@ def markdown(res: dict[str, Any], argv: list[str]) -> str:
         "", f"Median on {on:.1f}, off {off:.1f} images/s: overhead **{100 * (1 - on / off):.1f} %** "
         "(target ≤ 3 %).", "",
         "## Uploads during the backfill", "",
-        f"- backfill under load: **{load['img_s']:.1f} images/s** = **{load['img_s'] / on:.2f}×** solo "
-        f"({on:.1f}); {load['handed_back']} events handed back to the queue so uploads went first",
-        f"- uploads: {up['n']} at {res['rate']:g}/s, {up['statuses']}; freshness (sent → durable) "
-        f"**p50 {up['fresh_ms']['p50']:.0f} ms, p99 {up['fresh_ms']['p99']:.0f} ms**, "
-        f"max {up['fresh_ms']['max']:.0f} ms"
-        f" (target p99 ≤ 250 ms with the backfill ≥ 0.8× solo); queue wait p50 "
-        f"{up['queue_wait_ms']['p50']:.0f} ms, p99 {up['queue_wait_ms']['p99']:.0f} ms", "",
-        "## The worker's /metrics: what moved during the loaded run", "",
+        f"Uploads at {res['rate']:g}/s while the backfill runs; a backfill chunk looks for waiting uploads every "
+        "*sub-batch* images and hands the rest of its chunk back when there are. Solo = the same backfill "
+        "alone with the same sub-batch (metrics on). Target: upload freshness p99 ≤ 250 ms with the backfill ≥ "
+        "0.8× solo.", "",
+        "| sub-batch | solo images/s | under load images/s | ratio | handed back | uploads | freshness p50 | p99 "
+        "| max | queue wait p99 |", "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for y in res["yield_every"]:
+        solo = on if y == y0 else res["solo_yield"][str(y)]["img_s"]
+        r = res["loaded"][str(y)]
+        up = r["uploads"]
+        lines.append(f"| {y} | {solo:.1f} | {r['img_s']:.1f} | **{r['img_s'] / solo:.2f}** | {r['handed_back']} | "
+                     f"{up['n']} {up['statuses']} | {up['fresh_ms']['p50']:.0f} ms | **{up['fresh_ms']['p99']:.0f} "
+                     f"ms** | {up['fresh_ms']['max']:.0f} ms | {up['queue_wait_ms']['p99']:.0f} ms |")
+    lines += [
+        "", f"## The worker's /metrics: what moved during the loaded run (sub-batch {y0})", "",
         "| series | change |", "|---|---|",
         *[f"| `{k}` | {v:g} |" for k, v in load.get("moved", {}).items()], "",
     ]
@@ -140,6 +158,8 @@ def main() -> None:
     parser.add_argument("--backfill", type=int, default=1500)
     parser.add_argument("--rate", type=float, default=4.0, help="upload events per second during the backfill")
     parser.add_argument("--repeats", type=int, default=2, help="solo runs with metrics on, and as many off")
+    parser.add_argument("--yield-every", default="16,8",
+                        help="backfill sub-batch sizes to compare under load (the first is the default's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -151,7 +171,9 @@ def main() -> None:
     bulk, uploads = mixed[:args.backfill], [Path(r.uri) for r in mixed[args.backfill:]]
     tmp = Path(tempfile.mkdtemp(prefix="bench-load-"))
     h = Harness(tmp)
-    res: dict[str, Any] = {"images": len(bulk), "rate": args.rate, "solo": []}
+    ys = [int(y) for y in args.yield_every.split(",")]
+    res: dict[str, Any] = {"images": len(bulk), "rate": args.rate, "solo": [], "yield_every": ys, "solo_yield": {},
+                           "loaded": {}}
     try:
         warm = tmp / "warm"
         from ingest.pipeline import Pipeline
@@ -162,14 +184,20 @@ def main() -> None:
             metrics = i % 2 == 1
             data = tmp / f"solo{i}"
             copy_model_cache(warm, data)
-            r = backfill_run(h, bulk, root, data, metrics, name=f"solo{i}")
+            r = backfill_run(h, bulk, root, data, metrics, name=f"solo{i}", yield_every=ys[0])
             r["metrics"] = metrics
             res["solo"].append(r)
             print(f"solo {i} metrics={metrics}: {r['img_s']:.1f} images/s", file=sys.stderr)
-        data = tmp / "loaded"
-        copy_model_cache(warm, data)
-        res["loaded"] = backfill_run(h, bulk, root, data, True, uploads=uploads, rate=args.rate, name="loaded")
-        print(json.dumps(res["loaded"].get("uploads"), indent=1), file=sys.stderr)
+        for y in ys:
+            if y != ys[0]:
+                data = tmp / f"solo-y{y}"
+                copy_model_cache(warm, data)
+                res["solo_yield"][str(y)] = backfill_run(h, bulk, root, data, True, name=f"solo-y{y}", yield_every=y)
+            data = tmp / f"loaded-y{y}"
+            copy_model_cache(warm, data)
+            res["loaded"][str(y)] = backfill_run(h, bulk, root, data, True, uploads=uploads, rate=args.rate,
+                                                 name=f"loaded-y{y}", yield_every=y)
+            print(y, json.dumps(res["loaded"][str(y)].get("uploads")), file=sys.stderr)
     finally:
         h.close()
     text = markdown(res, sys.argv)
