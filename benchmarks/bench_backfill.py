@@ -7,16 +7,25 @@ Model-only = ``embed_prepared`` on already decoded and prepared images (the netw
 size), median of 3 passes over a sample. End-to-end = ``Pipeline.run`` on the whole folder into a fresh
 embedded store (read, hash, decode, embed, tag, upsert, HNSW build if large). Prints a Markdown table and,
 with --json, the raw figures.
+
+``--breakdown`` also runs the pipeline over the same images with the network replaced by a null one (the
+real decode and resize, random unit vectors): the process CPU time per image that is *not* the network,
+with numpy's BLAS at its default threads and at one (``search.models.registry.single_threaded_blas``), and
+the network's own CPU time per image. On 2 cores both compete for the same CPU, so the ratio cannot exceed
+network / (network + the rest).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ingest.pipeline import Pipeline
 from ingest.sources import iter_refs
@@ -41,6 +50,53 @@ def model_only(settings, refs, sample: int, passes: int = 3) -> float:
     return statistics.median(rates)
 
 
+class NullNetwork:
+    """The real embedder's preparation, a free network: what the rest of the pipeline costs."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def embed_prepared(self, items):
+        v = np.random.default_rng(len(items)).normal(size=(len(items), self.real.dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def embed_images(self, images):
+        return self.embed_prepared([self.real.prepare(i) for i in images])
+
+
+def breakdown(settings, refs, tag: bool) -> dict:
+    """CPU ms per image outside the network (BLAS default vs one thread), and the network's own."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    real = get_embedder(settings.model, settings)  # loading it limits BLAS to one thread
+    default_threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
+    out = {}
+    for label, threads in (("blas_default", os.cpu_count() or 1), ("blas_one_thread", 1)):
+        limiter = threadpool_limits(limits=threads, user_api="blas")
+        with tempfile.TemporaryDirectory(prefix="lookalike-null-") as tmp:
+            null_settings = settings.replace(data_dir=Path(tmp))
+            with Pipeline(null_settings, embedder=NullNetwork(real), tagger=tag) as p:
+                _ = p.embedder
+                c0 = time.process_time()
+                stats = p.run(refs)
+                cpu = time.process_time() - c0
+        limiter.restore_original_limits()
+        out[label] = {"cpu_ms_per_image": round(1000 * cpu / len(refs), 3),
+                      "stage_wall_ms_per_image": {k: round(1000 * v / len(refs), 3)
+                                                  for k, v in stats.stage_seconds.items()}}
+    threadpool_limits(limits=default_threads, user_api="blas")
+    prepared = [real.prepare(decode(Path(r.uri).read_bytes(), r.uri, max_pixels=settings.max_pixels).image)
+                for r in refs[:512]]
+    c0 = time.process_time()
+    for i in range(0, len(prepared), settings.batch_size):
+        real.embed_prepared(prepared[i:i + settings.batch_size])
+    out["network_cpu_ms_per_image"] = round(1000 * (time.process_time() - c0) / len(prepared), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
@@ -49,6 +105,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=768, help="images for the model-only measurement")
     ap.add_argument("--no-tag", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="also: CPU per image outside the network")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lookalike-bench-") as tmp:
@@ -63,6 +120,7 @@ def main() -> None:
         with Pipeline(settings, tagger=not args.no_tag) as p:
             second = p.run(refs, progress=False)
             points_after = p.store.count()
+        split = breakdown(settings, refs, tag=not args.no_tag) if args.breakdown else None
 
     figures = {
         "images": len(refs),
@@ -77,6 +135,8 @@ def main() -> None:
         "rerun_new_points": points_after - points,
         "stage_seconds_total": {k: round(v, 2) for k, v in first.stage_seconds.items()},
     }
+    if split is not None:
+        figures["breakdown"] = split
     if args.json:
         print(json.dumps(figures, indent=2))
         return
