@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ingest.pipeline import Outcome
 
 STAGES = ("read", "decode", "lookup", "embed", "tag", "upsert")
+OUTCOMES = ("indexed", "present", "updated", "removed", "deleted", "absent", "failed", "dead_lettered", "retried")
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FRESHNESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
                      3600.0)
@@ -83,6 +84,8 @@ class IngestMetrics:
                     self.stage.labels(stage).observe(seconds)
 
     def count(self, lane: str, outcome: str, n: int = 1) -> None:
+        if outcome not in OUTCOMES:  # the dashboard and its test know only these
+            raise ValueError(f"unknown ingestion outcome {outcome!r}")
         if n:
             self.events.labels(lane, outcome).inc(n)
 
@@ -102,4 +105,4 @@ class IngestMetrics:
         self.points.labels(collection).set(count() if callable(count) else count)
 
 
-__all__ = ["BATCH_BUCKETS", "FRESHNESS_BUCKETS", "STAGES", "STAGE_BUCKETS", "STORED", "IngestMetrics"]
+__all__ = ["BATCH_BUCKETS", "FRESHNESS_BUCKETS", "OUTCOMES", "STAGES", "STAGE_BUCKETS", "STORED", "IngestMetrics"]

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
+from ingest.metrics import OUTCOMES
+
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana/dashboards/lookalike.json"
 PROVISIONING = MONITORING / "grafana/provisioning"
-# Every outcome lookalike_ingest_events_total counts (ingest/metrics.py's docstring; the code passes strings).
-OUTCOMES = {"indexed", "present", "updated", "removed", "deleted", "absent", "failed", "dead_lettered", "retried"}
 ENV = {"LOOKALIKE_API_KEY": "test-key", "REDIS_PASSWORD": "test-redis", "QDRANT_API_KEY": "test-qdrant"}
 
 
