@@ -81,7 +81,10 @@ def sync_wal(folder: Path) -> None:
     with os.scandir(folder) as entries:
         names = [e.path for e in entries if e.is_file(follow_symlinks=False)]
     for name in [*names, str(folder)]:
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:  # the engine renamed a pre-allocated segment (tmp-open-N) meanwhile
+            continue
         try:
             os.fsync(fd)
         finally:
