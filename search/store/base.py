@@ -36,7 +36,8 @@ CLIENT_TIMEOUT_S = 30
 TUNABLES = frozenset({"HNSW_M", "HNSW_EF_CONSTRUCT", "HNSW_EF", "FULL_SCAN_THRESHOLD_KB", "EXACT_FILTER_MAX",
                       "CLIENT_TIMEOUT_S"})
 # Quantized search fetches this many times k candidates and re-scores them with the full vectors.
-OVERSAMPLING = {"int8": 2.0, "binary": 3.0}
+# int8 at 2x lost recall at 1M (0.88; 4x: 0.97, p50 1.4 ms; benchmarks/results/million.md).
+OVERSAMPLING = {"int8": 4.0, "binary": 3.0}
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
 
 
