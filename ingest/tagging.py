@@ -146,9 +146,9 @@ class Tagger:
         # One batched search for all vectors; asking one more and dropping the own id afterwards returns
         # the same neighbours as a per-vector exclude_ids filter, at the cost of one query instead of n.
         extra = 1 if any(own) else 0
-        requests = [SearchRequest(vectors, self.k + extra, LABELLED)]
-        if nearest:
-            requests.append(SearchRequest(vectors, 1 + extra))
+        requests = [SearchRequest(vectors, self.k + extra, LABELLED, payload=("labels",))]
+        if nearest:  # the nearest point's id and score are all duplicate flagging needs
+            requests.append(SearchRequest(vectors, 1 + extra, payload=False))
         results = self.store.search_many(requests)
         out: list[list[dict[str, Any]]] = []
         zero_shot_rows: list[int] = []

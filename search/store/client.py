@@ -21,6 +21,7 @@ from search.store.base import (
     Store,
     _hit,
     _mismatch_message,
+    _payload,
     _point_id,
     _quantization_kind,
     _record,
@@ -281,7 +282,8 @@ class ClientStore(Store):
                     rescore=True, oversampling=base.OVERSAMPLING[quant]))
             flt = self._filter(req.filter)
             batch += [models.QueryRequest(query=q.tolist(), limit=req.k, filter=flt, score_threshold=req.min_score,
-                                          with_payload=True, params=params) for q in queries]
+                                          with_payload=_payload(req.payload), params=params)
+                          for q in queries]
             sizes.append(len(queries))
         if not batch:
             return [[] for _ in requests]

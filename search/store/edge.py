@@ -43,6 +43,7 @@ from search.store.base import (
     Store,
     _hit,
     _mismatch_message,
+    _payload,
     _point_id,
     _quantization_kind,
     _record,
@@ -518,7 +519,7 @@ class EdgeStore(Store):
                 quantization=None if quant == "none" else qe.QuantizationSearchParams(
                     rescore=True, oversampling=base.OVERSAMPLING[quant]))
             batch += [qe.QueryRequest(limit=req.k, query=qe.Query.Nearest(q.tolist()), filter=flt,
-                                      score_threshold=req.min_score, with_payload=True, params=params)
+                                      score_threshold=req.min_score, with_payload=_payload(req.payload), params=params)
                       for q in queries]
             sizes.append(len(queries))
         with self._using() as shard:
