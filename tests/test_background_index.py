@@ -85,7 +85,9 @@ def test_writes_and_searches_go_on_during_a_build_and_the_index_is_swapped_in(tm
     assert store.wait_for_build(30)
 
     assert indexed(store) > 0  # the copy's HNSW segment is the live shard now
-    assert (store.path / edge.CURRENT_FILE).read_text().strip() == "gen-000001"
+    # gen-000001, or a later one when the writes made during the build were enough to start another
+    current = (store.path / edge.CURRENT_FILE).read_text().strip()
+    assert current.startswith("gen-") and int(current[4:]) >= 1 and (store.path / current).is_dir()
     assert not list(store.path.glob("*" + edge.BUILDING))
     assert not (store.path / "segments").exists()  # the old shard's files are gone
     assert store.count() == n - 2

@@ -252,10 +252,10 @@ def test_same_id_upsert_leaves_one_point(filled):
     assert names(filled.search(E0[None, :], k=1)[0]) == ["cat2"]
 
 
-def test_bulk_writes_are_visible_and_flushed_at_the_end(filled):
+def test_bulk_writes_are_visible_and_made_durable_at_the_end(filled):
     flushes = []
-    flush = filled.flush
-    filled.flush = lambda: (flushes.append(1), flush())[1]
+    end_bulk = filled.end_bulk
+    filled.end_bulk = lambda: (flushes.append(1), end_bulk())[1]
     with filled.bulk(), filled.bulk():
         filled.upsert([PointRecord(pid_of("b1"), unit(5), {"labels": ["b"]})])
         filled.set_payload(pid_of("b1"), {"note": "x"})

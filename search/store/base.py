@@ -183,18 +183,22 @@ class Store(ABC):
     def flush(self) -> None:  # noqa: B027 - optional hook, a no-op where the backend persists on its own
         """Persist pending writes (writes already flush unless ``sync_writes`` is off)."""
 
+    def end_bulk(self) -> None:
+        """Make a ``bulk()`` block's writes durable (default: ``flush``)."""
+        self.flush()
+
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Store]:
-        """Writes inside skip the per-call fsync and are flushed once at the end. They still survive a
-        killed process (the WAL); an OS crash inside the block may lose them, so use it for re-runnable
-        bulk work (backfill, tagging), not for acknowledging events one by one."""
+        """Writes inside skip the per-call fsync and are made durable once at the end (``end_bulk``). They
+        still survive a killed process (the WAL); an OS crash inside the block may lose them, so use it for
+        re-runnable bulk work (backfill, tagging, a worker's chunk acknowledged after the block)."""
         self._bulk_depth += 1
         try:
             yield self
         finally:
             self._bulk_depth -= 1
             if self._bulk_depth == 0:
-                self.flush()
+                self.end_bulk()
 
     @abstractmethod
     def close(self) -> None: ...
