@@ -25,6 +25,7 @@ from tests.redis_server import RedisServer
 from tests.workerproc import REPO, Env, Worker, photo
 from workers.deadletters import DeadLetters
 from workers.events import BACKFILL_QUEUE, INGEST_TASK, LIVE_QUEUE, celery_message, make_event
+from workers.tasks import YIELD_EVERY
 
 pytestmark = pytest.mark.redis
 
@@ -448,8 +449,8 @@ def test_uploads_overtake_a_backfill(env: Env) -> None:
 
     bulk = [ImageRef(str(photo(env.root / "bulk" / f"{i}.jpg", 200 + i))) for i in range(96)]
     upload = photo(env.root / "upload.jpg", 999)
-    env.start(LOOKALIKE_TEST_TASK_DELAY="0.4")  # every ingest call (a sub-batch of 16, or one upload) +0.4 s
-    assert enqueue_refs(bulk, env.settings(), queue="backfill", chunk_size=48) == 2  # 2 chunks × 3 sub-batches
+    env.start(LOOKALIKE_TEST_TASK_DELAY="0.4")  # every ingest call (a sub-batch, or one upload) +0.4 s
+    assert enqueue_refs(bulk, env.settings(), queue="backfill", chunk_size=48) == 2  # 2 chunks of 48
     env.wait(lambda: len(env.started()) >= 1, what="the backfill to start")
     sent = time.time()
     env.send(make_event(str(upload), sent_at=sent))
@@ -460,8 +461,8 @@ def test_uploads_overtake_a_backfill(env: Env) -> None:
     env.wait(lambda: len(env.done()) == 97, timeout=60, what="the rest of the backfill")
     before = env.done()[:order.index(str(upload))]
     # Without priority the upload would wait for both chunks (96 images); it waited for the sub-batch in
-    # progress only (16 images, or 32 if it arrived just as the next sub-batch began).
-    assert len(before) <= 32, len(before)
+    # progress only (YIELD_EVERY images, or two sub-batches if it arrived just as the next one began).
+    assert len(before) <= 2 * YIELD_EVERY, len(before)
     assert latency < 3.0, latency
     assert sorted(d["uri"] for d in env.done() if d["status"] == "indexed") == sorted(
         [r.uri for r in bulk] + [str(upload)])

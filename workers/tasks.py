@@ -61,9 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("workers.tasks")
 
-# A backfill chunk checks for waiting uploads this often (images). Small enough that an upload waits at
-# most ~one CPU batch; large enough for batched inference to pay off.
-YIELD_EVERY = 16
+# A backfill chunk checks for waiting uploads this often (images). Measured with uploads at 4/s during a
+# backfill (benchmarks/bench_load.py): 16 gave upload freshness p99 246-284 ms, 8 gave 133-179 ms with the
+# backfill still at 0.86x its solo rate; batches of 8 cost Lite0 no measurable throughput alone.
+YIELD_EVERY = 8
 POINTS_EVERY = 5.0  # seconds between two counts of the collection for lookalike_points
 
 
