@@ -14,10 +14,13 @@ Durability (edge, measured): ``update()`` appends to the WAL through the page ca
 already survives SIGKILL of this process; ``flush()`` msyncs the WAL and segments so points also survive
 an OS crash. Writes therefore flush before they return: 3.5-11 ms per call on an idle machine, but the flush
 waits on engine threads, so under heavy CPU contention it took ~300 ms. ``with store.bulk():`` skips the
-per-call flush for re-runnable bulk work (backfill, tagging) and flushes once at the end.
+per-call flush for re-runnable bulk work (backfill, tagging, a worker's chunk) and makes the block durable
+once at the end (a WAL fsync; the shard's full flush once 4,096 points wait for one).
 
-Search (edge): exact until ``optimize()`` builds HNSW (blocking; ~130 s per 100k 1280-d points on 2 cores;
-exact p50 ~40 ms there, HNSW ~1 ms at recall@10 >= 0.996).
+Search (edge): exact until HNSW is built: in the background once ``hnsw_threshold`` points are unindexed (a
+copy of the shard optimized by a child process, then swapped in; writes and searches go on, points written
+meanwhile are carried over; see ``edge``), or by ``optimize()`` (blocking; the end of a backfill). At 1M
+256-d int8 points: p50 2.1 ms, recall@10 0.966 (benchmarks/results/million.md).
 After that, a *selective* filter (few matching points) is searched exactly: filtered HNSW lost recall at
 1M points, and scoring a few thousand vectors exactly is cheap (see benchmarks/results/search.md).
 
