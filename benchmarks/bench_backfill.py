@@ -115,7 +115,7 @@ def main() -> None:
         rate_model = model_only(settings, refs, args.sample)
 
         with Pipeline(settings, tagger=not args.no_tag) as p:
-            first = p.run(refs, progress=True)
+            first = p.run(refs, progress=True, total=len(refs))
             points = p.store.count()
         with Pipeline(settings, tagger=not args.no_tag) as p:
             second = p.run(refs, progress=False)

@@ -71,14 +71,14 @@ class Progress:
         count = f"{self.done:,}/{self.total:,} {self.unit} ({100 * self.done / self.total:.1f}%)" if self.total \
             else f"{self.done:,} {self.unit}"
         failed = f", {self.failed:,} failed" if self.failed else ""
-        left = clock(eta(self.done, self.total, elapsed))
-        return f"{self.desc}: {count}, {rate:.1f} {self.unit}/s, ETA {left}{failed}"
+        left = f", ETA {clock(eta(self.done, self.total, elapsed))}" if self.total else ""
+        return f"{self.desc}: {count}, {rate:.1f} {self.unit}/s{left}{failed}"
 
     def _line(self, now: float, final: bool = False) -> None:
         text = self.line(now)
         if final:
-            text = text.split(", ETA")[0] + f", done in {clock(now - self._start)}" + \
-                (f", {self.failed:,} failed" if self.failed else "")
+            text = text.split(", ETA")[0].split(f", {self.failed:,} failed")[0] + \
+                f", done in {clock(now - self._start)}" + (f", {self.failed:,} failed" if self.failed else "")
         print(text, file=self.stream, flush=True)
 
 

@@ -88,6 +88,18 @@ def test_progress_without_a_terminal_writes_plain_lines_with_an_eta() -> None:
     assert lines[3].startswith("backfill: 500/1,000 images") and "done in" in lines[3] and "ETA" not in lines[3]
 
 
+def test_progress_without_a_total_has_no_eta() -> None:
+    from ingest.progress import Progress
+
+    out = io.StringIO()
+    bar = Progress(None, stream=out, every=0.0)
+    bar.update(7, failed=1)
+    bar.close()
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("backfill: 7 images, ") and first.endswith(", 1 failed") and "ETA" not in first
+    assert "done in" in last and last.count("failed") == 1
+
+
 def test_progress_lines_are_throttled() -> None:
     from ingest.progress import Progress
 
