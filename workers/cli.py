@@ -316,7 +316,7 @@ def _prometheus_text(data: dict[str, Any]) -> str:
             up.add_metric([], 0 if "broker_error" in data else 1)
             yield up
             if "broker_error" not in data:
-                yield from gauge_families({**data, "collection": data["collection"]})
+                yield from gauge_families(data)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Snapshot())

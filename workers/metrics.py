@@ -244,9 +244,6 @@ class WorkerMetrics:
         if self._server is not None:
             self._server.shutdown()
 
-    def snapshot(self) -> dict[str, Any]:
-        return snapshot(self.registry.collect())
-
     def _publish_loop(self) -> None:
         import redis
 

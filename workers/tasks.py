@@ -62,8 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("workers.tasks")
 
 # A backfill chunk checks for waiting uploads this often (images). Measured with uploads at 4/s during a
-# backfill (benchmarks/bench_load.py): 16 gave upload freshness p99 246-284 ms, 8 gave 133-179 ms with the
-# backfill still at 0.86x its solo rate; batches of 8 cost Lite0 no measurable throughput alone.
+# backfill (benchmarks/results/load.md): 16 gave upload freshness p99 246-284 ms, 8 gave 133-190 ms with the
+# backfill at 0.70-0.86x its solo rate; alone, batches of 8 cost Lite0 no measurable throughput.
 YIELD_EVERY = 8
 POINTS_EVERY = 5.0  # seconds between two counts of the collection for lookalike_points
 
@@ -156,6 +156,7 @@ class BatchRun:
     transient: list[tuple[int, Event, str]] = field(default_factory=list)  # (index, event, reason)
     done: int = 0  # events handled so far (the rest are handed back or timed out)
     stored_sent_at: list[float] = field(default_factory=list)  # sent_at of events whose points were written
+    metrics: Any = field(init=False, repr=False)  # ingest.metrics.IngestMetrics of this process
 
     def __post_init__(self) -> None:
         self.lane = self.lane or lane_of(_queue_of(self.task), self.batch)
@@ -265,7 +266,7 @@ def handle(task: Any, raw_events: Sequence[Any], *, batch: bool) -> dict[str, An
 def _durable(run: BatchRun, pipeline: Any) -> None:
     """The run's points are durable now (its bulk block flushed): their freshness, and the store's size."""
     run.metrics.durable(run.lane, run.stored_sent_at)
-    if pipeline is not None and run.stored_sent_at:
+    if pipeline is not None and run.done:  # upserts and deletes both change the count
         store = pipeline.store
         with contextlib.suppress(Exception):  # a gauge is not worth failing a task over
             # the embedded store counts in memory; a server's count is a round trip
