@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from search import reading
+from search import fetch, reading
 from search.config import Settings
 from search.errors import SourceError
 from search.reading import local_path, read_bytes
@@ -325,7 +325,7 @@ def test_non_public_addresses_are_refused_without_connecting(
 def test_a_name_is_refused_if_any_of_its_addresses_is_not_public(
     no_network: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reading, "_resolve", lambda host, port: ["93.184.216.34", "10.1.2.3"])
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["93.184.216.34", "10.1.2.3"])
     reason = _reason("https://images.example/a.jpg", Settings(fetch_urls=True))
     assert reason.startswith("refused: images.example resolves to 10.1.2.3, which is a private address")
     assert no_network == []
@@ -340,8 +340,8 @@ def test_other_url_problems(no_network: list[tuple[str, int]]) -> None:
 
 
 def test_public_addresses_pass_the_check() -> None:
-    assert reading._refused_address("93.184.216.34") is None
-    assert reading._refused_address("2606:2800:220:1:248:1893:25c8:1946") is None
+    assert fetch._refused_address("93.184.216.34") is None
+    assert fetch._refused_address("2606:2800:220:1:248:1893:25c8:1946") is None
 
 
 # ---------------------------------------------------------------------------- fetching from a local server
@@ -477,7 +477,7 @@ def test_connects_to_the_checked_address_not_a_fresh_lookup(
         lookups.append(host)
         return ["127.0.0.1"] if len(lookups) == 1 else ["10.0.0.1"]  # a second answer would be hostile
 
-    monkeypatch.setattr(reading, "_resolve", resolve)
+    monkeypatch.setattr(fetch, "_resolve", resolve)
     assert read_bytes(f"http://images.test:{port}/img", ON) == _Handler.body
     assert lookups == ["images.test"]
     assert hosts[-1] == f"images.test:{port}"
@@ -508,7 +508,7 @@ def tls_server(
     thread.start()
     real_context = ssl.create_default_context
     monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: real_context(cafile=str(cert)))
-    monkeypatch.setattr(reading, "_resolve", lambda host, port: ["127.0.0.1"])
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["127.0.0.1"])
     try:
         yield httpd.server_address[1], str(cert)
     finally:
@@ -553,7 +553,7 @@ def test_timeouts_and_refused_connections_are_transient(server: tuple[str, list[
 def test_the_fetch_timeout_covers_name_resolution(no_network: list[tuple[str, int]],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A resolver that hangs for 3 s cannot stretch a 0.5 s fetch timeout (getaddrinfo has no timeout)."""
-    monkeypatch.setattr(reading, "_resolve", lambda host, port: time.sleep(3) or ["93.184.216.34"])
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: time.sleep(3) or ["93.184.216.34"])
     started = time.monotonic()
     with pytest.raises(SourceError) as err:
         read_bytes("https://slow-dns.example/a.jpg", Settings(fetch_urls=True, fetch_timeout=0.5))
