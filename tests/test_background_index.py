@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import search.store.build as build
 import search.store.edge as edge
 from search.config import Settings
 from search.schema import CollectionMeta, PointRecord, point_id, sha256_hex
@@ -42,7 +43,7 @@ def open_bg(tmp_path: Path) -> EdgeStore:
 
 def slow_child(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Hold the build's child back, so that the test's writes certainly overlap the build."""
-    monkeypatch.setattr(edge, "_BUILD_CODE", f"import time\ntime.sleep({seconds})\n" + edge._BUILD_CODE)
+    monkeypatch.setattr(build, "_BUILD_CODE", f"import time\ntime.sleep({seconds})\n" + build._BUILD_CODE)
 
 
 def indexed(store: EdgeStore) -> int:
@@ -134,7 +135,7 @@ def test_close_during_a_build_stops_it_and_keeps_every_point(tmp_path, monkeypat
     assert not list(store.path.glob("gen-*"))
     assert not (store.path / edge.CURRENT_FILE).exists()
 
-    monkeypatch.setattr(edge, "_BUILD_CODE", edge._BUILD_CODE.split("\n", 2)[2])  # a normal child again
+    monkeypatch.setattr(build, "_BUILD_CODE", build._BUILD_CODE.split("\n", 2)[2])  # a normal child again
     store = open_bg(tmp_path)
     assert store.count() == 616
     assert own_top_hit(store, x, 0) == 600
@@ -143,7 +144,7 @@ def test_close_during_a_build_stops_it_and_keeps_every_point(tmp_path, monkeypat
 
 
 def test_a_failed_build_leaves_the_store_working_and_is_retried_later(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(edge, "_BUILD_CODE", "import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(build, "_BUILD_CODE", "import sys\nsys.exit(3)\n")
     store = open_bg(tmp_path)
     fill(store, 600)
     assert store.wait_for_build(30)
