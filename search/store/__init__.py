@@ -31,6 +31,7 @@ importing this package stays cheap):
 * ``lock``    the data-dir lock (``_DirLock``), its PID file, the registry of open embedded stores, fork/exit
               handling (it names ``EdgeStore`` for type checking only)
 * ``filters`` the one translation of ``search.schema.Filter`` into either backend's Qdrant filter
+* ``build``   background index builds (``BackgroundBuilds``, names ``EdgeStore`` for type checking only)
 * ``edge``    ``EdgeStore`` and ``_open_edge``
 * ``client``  ``ClientStore``
 * here        ``open_store`` and ``StoreUser``
