@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-
-    from ingest.pipeline import Outcome
 
 STAGES = ("read", "decode", "lookup", "embed", "tag", "upsert")
 OUTCOMES = ("indexed", "present", "updated", "removed", "deleted", "absent", "failed", "dead_lettered", "retried")
@@ -45,6 +43,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Outcomes that leave the event's point in the store: their freshness is measured.
 STORED = frozenset({"indexed", "present", "updated"})
+
+
+class Timed(Protocol):
+    """What is read of an ``ingest.pipeline.Outcome`` (named structurally: the pipeline imports this module)."""
+
+    timings: dict[str, float]
 
 
 class IngestMetrics:
@@ -73,7 +77,7 @@ class IngestMetrics:
                             multiprocess_mode="mostrecent")
         self._points_at = 0.0
 
-    def observe_batch(self, outcomes: Sequence[Outcome]) -> None:
+    def observe_batch(self, outcomes: Sequence[Timed]) -> None:
         """One pipeline call: its size and every event's stage times."""
         if not outcomes:
             return

@@ -20,14 +20,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from search.errors import StoreError
 from search.store.aliases import META_FILE
 from search.store.base import _point_id
-
-if TYPE_CHECKING:
-    from search.store.edge import EdgeStore
 
 log = logging.getLogger("search.store.edge")
 
@@ -103,7 +100,7 @@ def _copy_changed(src: Path, dst: Path, seen: dict[Path, tuple[int, int, int]], 
 class _Build:
     """One background index build: the thread, its child process, and how to stop them."""
 
-    def __init__(self, store: EdgeStore) -> None:
+    def __init__(self, store: Any) -> None:  # the EdgeStore (a BackgroundBuilds)
         self.store = store
         self.stop = threading.Event()
         self.proc: subprocess.Popen[bytes] | None = None
