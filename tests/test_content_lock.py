@@ -54,13 +54,14 @@ def _race(tmp_path: Path, lock: Any) -> list[str]:
     store = ClientStore(QdrantClient(location=":memory:"), "race", settings=settings)
     pipelines = [Pipeline(settings, store=store, embedder=SlowEmbedder(), tagger=False, content_lock=lock)
                  for _ in paths]
-    start = threading.Barrier(len(paths))
+    return _together(store, *[lambda p=p, path=path: p.ingest([ImageRef(str(path))])
+                              for p, path in zip(pipelines, paths, strict=True)])
 
-    def work(p: Pipeline, path: Path) -> None:
-        start.wait()
-        p.ingest([ImageRef(str(path))])
 
-    threads = [threading.Thread(target=work, args=(p, path)) for p, path in zip(pipelines, paths, strict=True)]
+def _together(store: Any, *jobs: Any) -> list[str]:
+    """Run ``jobs`` at the same moment (one thread each, behind a barrier); the one stored point's uris."""
+    start = threading.Barrier(len(jobs))
+    threads = [threading.Thread(target=lambda job=job: (start.wait(), job())) for job in jobs]
     for t in threads:
         t.start()
     for t in threads:
@@ -100,15 +101,7 @@ def _backfill_race(tmp_path: Path, lock: Any) -> list[str]:
     store = ClientStore(QdrantClient(location=":memory:"), "race", settings=settings)
     backfill = Pipeline(settings, store=store, embedder=SlowEmbedder(), tagger=False, content_lock=lock)
     worker = Pipeline(settings, store=store, embedder=SlowEmbedder(), tagger=False, content_lock=lock)
-    start = threading.Barrier(2)
-    threads = [threading.Thread(target=lambda: (start.wait(), backfill.run([ImageRef(str(a))]))),
-               threading.Thread(target=lambda: (start.wait(), worker.ingest([ImageRef(str(b))])))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    [record] = list(store.scroll())
-    return sorted(record.payload["uris"])
+    return _together(store, lambda: backfill.run([ImageRef(str(a))]), lambda: worker.ingest([ImageRef(str(b))]))
 
 
 def test_a_backfill_takes_the_same_lock_as_the_workers(tmp_path: Path, redis_client: Any) -> None:
