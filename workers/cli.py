@@ -306,17 +306,12 @@ def status(app: AppContext, as_json: bool, prometheus: bool) -> None:
 
 def _prometheus_text(data: dict[str, Any]) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import GaugeMetricFamily
 
     from workers.metrics import gauge_families
 
     class Snapshot:
         def collect(self) -> Any:
-            up = GaugeMetricFamily("lookalike_broker_up", "1 when Redis answered")
-            up.add_metric([], 0 if "broker_error" in data else 1)
-            yield up
-            if "broker_error" not in data:
-                yield from gauge_families(data)
+            yield from gauge_families(None if "broker_error" in data else data)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Snapshot())

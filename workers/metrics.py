@@ -162,9 +162,6 @@ class BrokerCollector:
         return []  # nothing is read from Redis when the collector is registered
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        up = GaugeMetricFamily("lookalike_broker_up", "1 when Redis answered this scrape")
         try:
             if self._client is None:
                 import redis
@@ -173,17 +170,18 @@ class BrokerCollector:
             data = broker_gauges(self._client)
         except Exception as err:  # a scrape must answer even when Redis is away
             log.debug("broker gauges unavailable: %s", err)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
+            data = None
         yield from gauge_families(data)
 
 
-def gauge_families(data: dict[str, Any]) -> Iterator[Any]:
-    """``broker_gauges`` (and ``points`` when known) as metric families."""
+def gauge_families(data: dict[str, Any] | None) -> Iterator[Any]:
+    """``lookalike_broker_up``, then ``broker_gauges`` (and ``points`` when known) as metric families; ``data``
+    None: Redis did not answer (the other gauges are left out rather than reported as zero)."""
     from prometheus_client.core import GaugeMetricFamily
+
+    yield GaugeMetricFamily("lookalike_broker_up", "1 when Redis answered", value=0 if data is None else 1)
+    if data is None:
+        return
 
     depth = GaugeMetricFamily("lookalike_queue_depth", "Messages waiting in a queue (a backfill message carries "
                               "a chunk of events)", labels=["queue"])
